@@ -1,0 +1,40 @@
+"""The one conversation type every source converts into, and every consumer reads.
+
+A conversation is MiniCPM's training record, ``{"messages": [{"role": ..., "content": ...}, ...]}``,
+with roles ``system`` (first only), then ``user`` and ``assistant`` alternating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(slots=True)
+class Conversation:
+    messages: list[Message] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Conversation":
+        """Build from a target-format record (already validated): ``{"messages": [...]}``."""
+        return cls([Message(m["role"], m["content"]) for m in record["messages"]])
+
+    def to_record(self) -> dict[str, Any]:
+        return {"messages": [m.to_dict() for m in self.messages]}
+
+    @property
+    def system(self) -> str | None:
+        if self.messages and self.messages[0].role == "system":
+            return self.messages[0].content
+        return None

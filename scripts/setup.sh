@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repository root and install minicpm-finetune with its training stack.
+# torch is installed first and pinned, so nothing pulls a multi-GB build you did not ask for:
+# set TORCH_SPEC (for example "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124")
+# to choose the build for your hardware.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
+.venv/bin/python -m pip install --quiet -e '.[train,dev]'
