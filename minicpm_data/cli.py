@@ -36,8 +36,242 @@ def main() -> None:
 
 # --- convert / validate / split (issue: data conversion) ---------------------------------------
 
+from pathlib import Path  # noqa: E402 (here, not at the top: Typer reads command annotations from module globals)
+
+_MAX_PROBLEM_ROWS = 200
+
+
+def _print_json(data) -> None:
+    import json
+
+    print(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def _counts_table(title: str, header: str, counts) -> "Table":
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column(header)
+    table.add_column("records", justify="right")
+    for name, count in counts.most_common():
+        table.add_row(name, str(count))
+    return table
+
+
+def _print_convert_summary(summary) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="convert", title_justify="left", header_style="bold")
+    for column in ("input", "format", "read", "written", "rejected"):
+        table.add_column(column, justify="right" if column in ("read", "written", "rejected") else "left")
+    for item in summary.files:
+        fmt = f"{item.format} (detected)" if item.detected else item.format or "-"
+        table.add_row(escape(item.path), fmt, str(item.read), str(item.written), str(item.rejected))
+    if len(summary.files) > 1:
+        table.add_row("[bold]total", "", str(summary.read), str(summary.written), str(summary.rejected))
+    console.print(table)
+    if summary.repairs:
+        console.print(_counts_table("repairs", "repair", summary.repairs))
+    if summary.rejects:
+        console.print(_counts_table("rejects", "reason", summary.rejects))
+    console.print(f"read {summary.read} = written {summary.written} + rejected {summary.rejected}")
+    for name, part in summary.splits.items():
+        console.print(f"{name}: {part['records']} records -> {escape(part['path'])}")
+    if not summary.splits:
+        console.print(f"output: {escape(summary.output)}")
+    console.print(f"rejects: {escape(summary.rejects_path)}")
+
+
+@app.command("convert")
+def convert_command(
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="Raw files: .json, .jsonl, .csv, .tsv, .parquet."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .json (a list) or .jsonl; a folder with --dev-ratio."),
+    source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv, messages or auto."),
+    fmt: str = typer.Option(None, "--format", help="json or jsonl (default: from the output's extension)."),
+    rejects: Path = typer.Option(None, "--rejects", help="Rejects file (JSONL; default: OUT.rejects.jsonl beside the output)."),
+    encoding: str = typer.Option(None, "--encoding", help="Input encoding (default: detected: UTF-8, BOM, GBK/GB18030)."),
+    user_col: str = typer.Option(None, "--user-col", help="csv: column holding the user turn."),
+    assistant_col: str = typer.Option(None, "--assistant-col", help="csv: column holding the assistant turn."),
+    system_col: str = typer.Option(None, "--system-col", help="csv: column holding the system prompt."),
+    template: str = typer.Option(None, "--template", help="csv: user turn from a template with {column} placeholders."),
+    system: str = typer.Option(None, "--system", help="System prompt for every record that has none."),
+    tool_turns: str = typer.Option("reject", "--tool-turns", help="Records with tool turns: reject (default) or drop those turns."),
+    no_repair: bool = typer.Option(False, "--no-repair", help="Reject records that need a repair instead of repairing them."),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Reject exact duplicate conversations (reason: duplicate)."),
+    workers: int = typer.Option(None, "--workers", help="Processes for JSON Lines input (default: one per CPU from 64 MB)."),
+    dev_ratio: float = typer.Option(None, "--dev-ratio", help="Also split: write OUT/train and OUT/dev with this dev share."),
+    seed: int = typer.Option(42, "--seed", help="Seed for --dev-ratio."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Convert raw chat data into MiniCPM's messages format; every record is written or rejected."""
+    from rich.markup import escape
+
+    from minicpm_data.convert import ConvertOptions, convert_and_split, convert_files
+
+    options = ConvertOptions(source=source, encoding=encoding, user_col=user_col, assistant_col=assistant_col,
+                             system_col=system_col, template=template, system=system, tool_turns=tool_turns,
+                             repair=not no_repair, dedupe=dedupe, workers=workers)
+
+    def announce(item) -> None:
+        if item.detected:
+            err_console.print(f"detected format [bold]{item.format}[/] for {escape(item.path)}", soft_wrap=True)
+
+    with err_console.status("converting..."):
+        if dev_ratio is None:
+            summary = convert_files(inputs, output, options=options, fmt=fmt, rejects_path=rejects, on_file=announce)
+        else:
+            summary = convert_and_split(inputs, output, dev_ratio=dev_ratio, seed=seed, options=options, fmt=fmt,
+                                        rejects_path=rejects, on_file=announce)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        _print_convert_summary(summary)
+
+
+@app.command("validate")
+def validate_command(
+    files: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json (list) or .jsonl files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
+) -> None:
+    """Check files against schemas/messages.schema.json and the turn-order rules; exit 1 on any problem."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from minicpm_data.validate import validate_file
+
+    problems = [problem for path in files for problem in validate_file(path)]
+    if as_json:
+        _print_json({"files": [str(p) for p in files], "problems": [p.to_dict() for p in problems]})
+    elif problems:
+        title = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        table = Table(title=title, title_justify="left", header_style="bold")
+        for column in ("file", "record", "line", "pointer", "problem"):
+            table.add_column(column)
+        for problem in problems[:_MAX_PROBLEM_ROWS]:
+            table.add_row(escape(problem.file), "" if problem.index is None else str(problem.index),
+                          "" if problem.line is None else str(problem.line), escape(problem.pointer),
+                          escape(problem.message))
+        console.print(table)
+        if len(problems) > _MAX_PROBLEM_ROWS:
+            console.print(f"... and {len(problems) - _MAX_PROBLEM_ROWS} more; --json lists them all")
+    else:
+        console.print(f"[green]valid:[/] {', '.join(escape(str(p)) for p in files)}")
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command("split")
+def split_command(
+    file: Path = typer.Argument(..., help="A target-format .json or .jsonl file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for train.<ext> and dev.<ext>."),
+    dev_ratio: float = typer.Option(0.1, "--dev-ratio", help="Share of records for dev (0 < ratio < 1)."),
+    seed: int = typer.Option(42, "--seed", help="Random seed: the same seed gives the same split."),
+    fmt: str = typer.Option(None, "--format", help="json or jsonl (default: the input's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Split a file into OUT/train and OUT/dev: deterministic for a seed, disjoint, together the input."""
+    from rich.markup import escape
+
+    from minicpm_data.split import split_file
+
+    result = split_file(file, output, dev_ratio=dev_ratio, seed=seed, fmt=fmt)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        console.print(f"train: {result.train} records -> {escape(result.train_path)}")
+        console.print(f"dev: {result.dev} records -> {escape(result.dev_path)}")
+
 
 # --- stats / inspect (issue: rendering and statistics) ------------------------------------------
+
+_TOKENIZER_HELP = "Local model folder (offline; custom auto_map code is never run) or hub id."
+_TEMPLATE_HELP = "Chat layout: chatml (MiniCPM3/4/4.1/SALA/5) or minicpm2 (<用户>/<AI>). Default: detected."
+_TRUNCATION_HELP = "right: keep the first N tokens; drop: never train on a sample longer than N."
+
+
+def _load_for_render(tokenizer: str, template: str | None, trust_remote_code: bool):
+    from minicpm_data.render import detect_template
+    from minicpm_data.tokenizer import load_tokenizer
+
+    loaded = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    return loaded, template or detect_template(loaded)
+
+
+@app.command("stats", help="Token statistics of messages files, rendered exactly as training renders them.")
+def stats_command(
+    files: list[Path] = typer.Argument(..., help="Target-format .json / .jsonl files (one column each)."),
+    tokenizer: str = typer.Option(..., "--tokenizer", "-t", help=_TOKENIZER_HELP),
+    model_max_length: int = typer.Option(1024, "--model-max-length", "--model_max_length", min=1,
+                                         help="Training's model_max_length."),
+    template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
+    truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Per-device batch size, for padding waste."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of tables."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
+) -> None:
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from minicpm_data import report
+    from minicpm_data.io import read_conversations
+    from minicpm_data.stats import compute_stats
+
+    loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
+    all_stats = []
+    for file in files:
+        conversations = [conversation for _, conversation in read_conversations(file)]
+        with Progress(TextColumn("rendering {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=err_console, transient=True,
+                      disable=len(conversations) < 2000) as progress:
+            task = progress.add_task(file.name, total=len(conversations))
+            all_stats.append(compute_stats(
+                str(file), conversations, loaded, model_max_length=model_max_length, template=template,
+                truncation=truncation, batch_size=batch_size,
+                on_progress=lambda done: progress.advance(task, done)))
+    if plot is not None:
+        report.save_plot(all_stats, plot)
+    if as_json:
+        print(json.dumps([stats.to_dict() for stats in all_stats], ensure_ascii=False, indent=2))
+        return
+    console.print(report.stats_table(all_stats, tokenizer, template))
+    for stats in all_stats:
+        console.print(report.suggestion_text(stats))
+    for stats in all_stats:
+        console.print(report.histogram(stats))
+    if plot is not None:
+        console.print(f"plot written to {plot}")
+
+
+@app.command("inspect", help="Show rendered samples with the trained tokens highlighted: what the model will learn.")
+def inspect_command(
+    file: Path = typer.Argument(..., help="Target-format .json / .jsonl file."),
+    tokenizer: str = typer.Option(..., "--tokenizer", "-t", help=_TOKENIZER_HELP),
+    index: int = typer.Option(0, "--index", "-i", min=0, help="First record to show (0-based)."),
+    count: int = typer.Option(1, "-n", "--count", min=1, help="How many records to show from --index."),
+    template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
+    model_max_length: int | None = typer.Option(None, "--model-max-length", "--model_max_length", min=1,
+                                                help="Also show what truncation to this length cuts."),
+    truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
+) -> None:
+    from itertools import islice
+
+    from minicpm_data import report
+    from minicpm_data.io import read_conversations
+    from minicpm_data.render import render
+
+    loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
+    chosen = list(islice(read_conversations(file), index, index + count))
+    if not chosen:
+        raise MinicpmError(f"{file} has no record {index}")
+    console.print(f"layout {template}; tokenizer {tokenizer}", style="bold")
+    for number, conversation in chosen:
+        full = render(conversation, loaded, template=template)
+        cut = None if model_max_length is None else render(conversation, loaded, template=template,
+                                                           max_length=model_max_length, truncation=truncation)
+        console.print(report.inspect_view(number, conversation, full, loaded, cut))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,360 @@ def main() -> None:
 # --- run (issue: training) -----------------------------------------------------------------------
 
 
+def _show_script(script) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"read from {script.path}", show_header=True, header_style="bold")
+    table.add_column("flag")
+    table.add_column("value")
+    for name, value in script.env.items():
+        table.add_row(f"export {name}", value)
+    table.add_row(f"[dim]{script.launcher}[/]", " ".join(script.launcher_argv))
+    flags, index = script.argv, 0
+    while index < len(flags):
+        has_value = index + 1 < len(flags) and not flags[index + 1].startswith("--")
+        table.add_row(flags[index], flags[index + 1] if has_value else "(on)")
+        index += 2 if has_value else 1
+    console.print(table)
+
+
+@app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Train: the guide's finetune.py flags (any HF TrainingArguments flag), --config FILE, or --script FILE.sh.",
+)
+def run_command(
+    ctx: typer.Context,
+    script: str = typer.Option(None, "--script", help="A guide-style finetune shell script to read the flags from."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved run and the hardware decisions only."),
+) -> None:
+    import json
+    import logging
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    # bitsandbytes warns on import that an optional CPU kernel cannot be downloaded (we run offline).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from minicpm_train.args import parse_run_args, resolve_script
+    from minicpm_train.launch import launcher_command, plan_run, run_launcher
+
+    if script:
+        guide, run = resolve_script(script, list(ctx.args))
+        _show_script(guide)
+        if ctx.args:
+            console.print(f"over the script, from the command line: {escape(' '.join(ctx.args))}", highlight=False)
+    else:
+        run = parse_run_args(list(ctx.args))
+    run, plan = plan_run(run)
+    for notice in run.notices + plan.notices:
+        console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
+    where = f"{plan.ranks} CPU process{'es' if plan.ranks > 1 else ''}" if plan.device == "cpu" else f"{plan.ranks} GPU(s)"
+    console.print(f"run: {plan.mode.replace('_', '-')} on {where}, {plan.precision}, "
+                  f"{'QLoRA' if run.options.qlora else 'LoRA' if run.options.use_lora else 'full'}"
+                  f"{', DeepSpeed ' + Path(run.training['deepspeed']).stem if run.training.get('deepspeed') else ''}"
+                  f" -> {run.training['output_dir']}", highlight=False)
+    if dry_run:
+        if plan.mode == "launcher":
+            console.print(" ".join(launcher_command(plan, Path("RESOLVED.json"))), highlight=False)
+        return
+    if plan.mode == "launcher":
+        raise typer.Exit(run_launcher(run, plan))
+
+    from minicpm_train.callbacks import ProgressCallback
+    from minicpm_train.recipe import train
+
+    result = train(run, report=lambda m: console.print(m, highlight=False, markup=False),
+                   callbacks=(ProgressCallback(console),))
+    final = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
+    console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
+
+
 # --- plan / doctor / merge / chat / eval (issue: before and after training) ------------------------
+
+_VERDICT_STYLE = {"fits": "green", "tight": "yellow", "does not fit": "red", "unknown": "dim",
+                  "ok": "green", "warn": "yellow", "fail": "red", "info": "dim"}
+
+
+class _quiet_loading:
+    """Hide what libraries log while they import and load: bitsandbytes' offline kernel download,
+    DeepSpeed's "Setting accelerator to CPU", peft's deprecation warnings. Errors still show."""
+
+    def __enter__(self) -> None:
+        import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", FutureWarning)
+        logging.disable(logging.WARNING)
+
+    def __exit__(self, *exc) -> None:
+        import logging
+
+        logging.disable(logging.NOTSET)
+        self._warnings.__exit__(*exc)
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def _show_plan(report) -> None:
+    from rich.table import Table
+
+    e, s = report.estimate, report.settings
+    ds = s.deepspeed.name if s.deepspeed else "none"
+    table = Table(title=f"{report.model}: {s.method}, {s.precision}, micro batch {s.micro_batch} x "
+                        f"{s.max_length} tokens (accumulation {s.gradient_accumulation}), checkpointing "
+                        f"{'on' if s.gradient_checkpointing else 'off'}, DeepSpeed {ds}, {s.num_gpus} GPU(s)",
+                  header_style="bold")
+    table.add_column("per GPU")
+    table.add_column("memory", justify="right")
+    table.add_column("what")
+    share = f"{e.trainable:,} of {e.parameters:,} ({100 * e.trainable / e.parameters:.2f}%)"
+    rows = [
+        ("weights (frozen)", e.weights, "base model weights that are not trained"),
+        ("trainable parameters", e.trainable_weights, share),
+        ("gradients", e.gradients, "of the trainable parameters"),
+        ("optimizer states", e.optimizer, f"{s.optimizer}: m, v (+ fp32 masters under DeepSpeed)"),
+        ("activations", e.activations, "saved for backward, incl. logits"),
+        ("DeepSpeed buffers", e.buffers, "communication buckets"),
+        ("CUDA context", e.context, "context, workspaces, allocator slack"),
+    ]
+    for name, value, what in rows:
+        table.add_row(name, _gib(value), what)
+    table.add_row("[bold]total[/]", f"[bold]{_gib(e.total)}[/]", "")
+    table.add_row("offloaded to CPU memory", _gib(e.cpu_offload), "per node, by the DeepSpeed offload preset")
+    console.print(table)
+    for note in e.notes:
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+    verdict = report.verdict
+    style = _VERDICT_STYLE[verdict]
+    if report.gpu_memory is None:
+        console.print(f"[{style}]verdict: unknown[/] (no GPU detected: pass --gpu-memory GB)", highlight=False)
+    else:
+        gpu = f"{report.gpu_name}, " if report.gpu_name else ""
+        console.print(f"[{style}]verdict: {verdict}[/] ({_gib(e.total)} of {gpu}{_gib(report.gpu_memory)} per GPU)",
+                      highlight=False)
+    for suggestion in report.suggestions:
+        mark = "fits" if suggestion.fits else "still does not fit"
+        cpu = f", {_gib(suggestion.cpu_offload)} in CPU memory" if suggestion.cpu_offload else ""
+        console.print(f"  try {suggestion.change}: {_gib(suggestion.total)} ({mark}{cpu})\n"
+                      f"      {' '.join(suggestion.settings.flags())}", highlight=False)
+
+
+@app.command(
+    "plan",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Estimate per-GPU memory of a run before starting it: the same flags and --config as run.",
+)
+def plan_command(
+    ctx: typer.Context,
+    script: str = typer.Option(None, "--script", help="A guide-style finetune shell script to read the flags from."),
+    gpu_memory: float = typer.Option(None, "--gpu-memory", help="GPU memory in GB (GiB) to judge against; "
+                                                                 "default: the detected GPU."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    import json
+
+    from minicpm_train.plan import plan_from_argv
+
+    with _quiet_loading():
+        report = plan_from_argv(list(ctx.args), script=script, gpu_memory_gib=gpu_memory)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _show_plan(report)
+
+
+@app.command("doctor", help="Check what a run depends on: Python, torch/CUDA, GPUs, bf16, NCCL, DeepSpeed ops, "
+                            "bitsandbytes, library versions.")
+def doctor_command(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from minicpm_train.doctor import check, gather, overall
+
+    checks = check(gather())
+    verdict = overall(checks)
+    if as_json:
+        print(json.dumps({"verdict": verdict, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+    else:
+        table = Table(title="minicpm-train doctor", header_style="bold")
+        for column in ("item", "value", "verdict", "advice"):
+            table.add_column(column)
+        for c in checks:
+            style = _VERDICT_STYLE[c.verdict]
+            table.add_row(c.item, c.value, f"[{style}]{c.verdict}[/]", c.advice)
+        console.print(table)
+        console.print(f"[{_VERDICT_STYLE[verdict]}]overall: {verdict}[/]", highlight=False)
+    if verdict == "fail":
+        raise typer.Exit(1)
+
+
+_ADAPTER = typer.Option(None, "--adapter", help="A LoRA adapter folder (a LoRA run's output or checkpoint).")
+_TRUST = typer.Option(False, "--trust_remote_code", help="Allow the model folder's own Python code to run.")
+_TEMPLATE = typer.Option(None, "--template", help="Chat layout: chatml or minicpm2 (default: detected).")
+
+
+@app.command("merge", help="Merge a LoRA adapter into its base: a full model folder plain transformers loads.")
+def merge_command(
+    base: str = typer.Option(..., "--base", help="The base model folder the adapter was trained on."),
+    adapter: str = typer.Option(..., "--adapter", help="The LoRA adapter folder."),
+    output: str = typer.Option(..., "-o", "--output", help="New folder for the merged model."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base's), bf16, fp16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in a non-empty output folder."),
+    trust_remote_code: bool = _TRUST,
+) -> None:
+    from minicpm_train.merge import merge_adapter
+
+    with console.status("merging"), _quiet_loading():
+        result = merge_adapter(base, adapter, output, dtype=dtype, trust_remote_code=trust_remote_code,
+                               overwrite=overwrite)
+    console.print(f"merged {result.adapter} into {result.base}: {result.parameters:,} parameters, {result.dtype} "
+                  f"-> {result.output_dir} ({', '.join(result.files)})", highlight=False)
+
+
+def _load_for_inference(model: str, adapter: str | None, trust_remote_code: bool):
+    from minicpm_train.inference import load_model
+
+    with err_console.status(f"loading {model}" + (f" + {adapter}" if adapter else "")), _quiet_loading():
+        return load_model(model, adapter, trust_remote_code=trust_remote_code)
+
+
+@app.command("chat", help="Chat with a model in the terminal (streamed), rendered as training renders prompts.")
+def chat_command(
+    model: str = typer.Argument(..., help="Model folder (or a LoRA run's output folder)."),
+    adapter: str = _ADAPTER,
+    system: str = typer.Option(None, "--system", help="System message for the conversation."),
+    prompt: str = typer.Option(None, "--prompt", help="Answer this one message and exit."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold."),
+    template: str = _TEMPLATE,
+    trust_remote_code: bool = _TRUST,
+) -> None:
+    from minicpm_train.chat import ChatSession, GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens, temperature, top_p)
+    settings.check()
+    from minicpm_train.inference import training_options
+
+    loaded = _load_for_inference(model, adapter, trust_remote_code)
+    template = template or training_options(loaded).get("template")
+    session = ChatSession(loaded.model, loaded.tokenizer, system=system, template=template, settings=settings)
+
+    def stream(text: str) -> None:
+        print(text, end="", flush=True)
+
+    if prompt is not None:
+        session.ask(prompt, on_text=stream)
+        print()
+        return
+    console.print("[dim]chat: /reset starts over, /exit or Ctrl-D quits[/]")
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            session.reset()
+            console.print("[dim](new conversation)[/]")
+            continue
+        if not text.strip():
+            continue
+        console.print("[bold green]assistant>[/] ", end="")
+        try:
+            session.ask(text, on_text=stream)
+        except KeyboardInterrupt:
+            console.print("[dim](interrupted)[/]")
+            continue
+        print()
+
+
+def _show_eval(result, predictions_path) -> None:
+    from rich.table import Table
+
+    from minicpm_train.evaluate import OTHER
+
+    console.print(f"{result.samples} samples ({result.scored} with trained tokens), {result.trained_tokens} trained "
+                  f"tokens: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}", highlight=False)
+    if result.accuracy is not None and result.labels:
+        table = Table(title=f"exact-match accuracy {result.accuracy:.1%} ({len(result.generated)} greedy answers)",
+                      header_style="bold")
+        table.add_column("reference \\ predicted")
+        confusion = result.confusion()
+        predicted = result.labels + ([OTHER] if any(OTHER in row for row in confusion.values()) else [])
+        for label in predicted:
+            table.add_column(label, justify="right")
+        table.add_column("accuracy", justify="right")
+        per_label = result.per_label()
+        for gold, row in confusion.items():
+            correct, total = per_label.get(gold, (0, 0))
+            table.add_row(gold, *(str(row.get(p, 0)) for p in predicted),
+                          f"{correct / total:.1%} ({correct}/{total})" if total else "-")
+        console.print(table)
+    elif result.generated:
+        console.print(f"{len(result.generated)} greedy answers written (free-form answers: no accuracy)")
+    console.print(f"predictions: {predictions_path}", highlight=False)
+
+
+@app.command("eval", help="Loss and perplexity on assistant tokens; accuracy for label-set answers (OCNLI).")
+def eval_command(
+    model: str = typer.Argument(..., help="Model folder (or a LoRA run's output folder)."),
+    data: str = typer.Option(..., "--data", help="Dev file in the messages format (JSON or JSONL)."),
+    adapter: str = _ADAPTER,
+    output: str = typer.Option(None, "-o", "--output",
+                               help="Predictions JSONL (default: eval_<data>.jsonl in the adapter/model folder)."),
+    labels: str = typer.Option("auto", "--labels", help="auto, none, or the label set: a,b,c."),
+    generate: bool = typer.Option(None, "--generate/--no-generate",
+                                  help="Greedy answers for every sample (default: only for a label set)."),
+    max_length: int = typer.Option(None, "--model_max_length",
+                                   help="Truncate samples (default: the run's, from its run_config.json)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest free-form answer."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward pass."),
+    template: str = _TEMPLATE,
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    trust_remote_code: bool = _TRUST,
+) -> None:
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from minicpm_data.io import read_conversations
+    from minicpm_train.evaluate import evaluate, write_predictions
+    from minicpm_train.inference import training_options
+
+    label_set = labels if labels in ("auto", "none") else [x.strip() for x in labels.split(",") if x.strip()]
+    records = list(read_conversations(data))
+    loaded = _load_for_inference(model, adapter, trust_remote_code)
+    trained = training_options(loaded)  # render as the run did, unless told otherwise
+    template = template or trained.get("template")
+    max_length = max_length or trained.get("model_max_length")
+    with Progress(console=err_console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        result = evaluate(loaded.model, loaded.tokenizer, records, template=template, max_length=max_length,
+                          batch_size=batch_size, labels=label_set, generate=generate, max_new_tokens=max_new_tokens,
+                          progress=report)
+    folder = loaded.adapter or loaded.base
+    path = write_predictions(result, output or folder / f"eval_{Path(data).stem}.jsonl")
+    if as_json:
+        print(json.dumps({**result.metrics(), "predictions": str(path)}, indent=2, ensure_ascii=False))
+    else:
+        _show_eval(result, path)
 
 
 if __name__ == "__main__":

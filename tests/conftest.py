@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures for the tiny models (tiny_llama, tiny_minicpm3, data_cache) used by the training tests.
+pytest_plugins = ["train_helpers"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "fixtures"
 SHARED = REPO_ROOT.parent / "shared"

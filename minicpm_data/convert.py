@@ -1,0 +1,287 @@
+"""Convert raw files into MiniCPM's messages format, losing nothing.
+
+Every input record ends either in the output or in the rejects file (JSON Lines: source file,
+index, line, reason, detail and the original record), so ``read == written + rejected``.
+Outputs are written atomically; an interrupted run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from minicpm_data.errors import InputError
+from minicpm_data.io import iter_raw_records, json_lines, output_format, parse_line, record_writer, serialize
+from minicpm_data.repair import TOOL_POLICIES, finish
+from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How records are read and turned into conversations (the CLI's convert flags)."""
+
+    source: str = "auto"
+    encoding: str | None = None
+    user_col: str | None = None
+    assistant_col: str | None = None
+    system_col: str | None = None
+    template: str | None = None
+    system: str | None = None
+    tool_turns: str = "reject"
+    repair: bool = True
+    dedupe: bool = False
+    workers: int | None = None  # processes for JSON Lines input; None: several for large files
+
+    def table_options(self) -> dict[str, str | None]:
+        return {"user_col": self.user_col, "assistant_col": self.assistant_col,
+                "system_col": self.system_col, "template": self.template}
+
+
+@dataclass
+class FileSummary:
+    path: str
+    format: str | None = None
+    detected: bool = False
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class ConvertSummary:
+    """Counts for a run: ``read == written + rejected``, per file, with repairs and rejects by kind."""
+
+    output: str
+    rejects_path: str
+    files: list[FileSummary] = field(default_factory=list)
+    repairs: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def read(self) -> int:
+        return sum(f.read for f in self.files)
+
+    @property
+    def written(self) -> int:
+        return sum(f.written for f in self.files)
+
+    @property
+    def rejected(self) -> int:
+        return sum(f.rejected for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "rejects_file": self.rejects_path,
+                "read": self.read, "written": self.written, "rejected": self.rejected,
+                "files": [vars(f) for f in self.files],
+                "repairs": dict(self.repairs.most_common()), "rejects": dict(self.rejects.most_common()),
+                **({"splits": self.splits} if self.splits else {})}
+
+
+def default_rejects_path(output: Path) -> Path:
+    """``data.json`` -> ``data.rejects.jsonl`` beside it."""
+    return output.with_name(f"{output.stem}.rejects.jsonl")
+
+
+def _check_paths(inputs: Sequence[Path], output: Path, rejects: Path) -> None:
+    resolved = {path.resolve() for path in inputs}
+    for target, what in ((output, "output"), (rejects, "rejects file")):
+        if target.resolve() in resolved:
+            raise InputError(f"{target}: the {what} is also an input; choose another path")
+    if output.resolve() == rejects.resolve():
+        raise InputError(f"{output}: the output and the rejects file are the same path")
+
+
+def _conversion_setup(options: ConvertOptions) -> None:
+    if options.source not in FORMATS:
+        raise InputError(f"unknown format {options.source!r}; choose one of {', '.join(FORMATS)}")
+    if options.tool_turns not in TOOL_POLICIES:
+        raise InputError(f"unknown tool policy {options.tool_turns!r}; choose one of {', '.join(TOOL_POLICIES)}")
+
+
+def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: ConvertOptions = ConvertOptions(),
+                  fmt: str | None = None, rejects_path: str | Path | None = None,
+                  on_file: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
+    """Convert every record of ``inputs`` into ``output``; rejected records go to ``rejects_path``.
+
+    ``on_file`` is called once per input when its format is known (e.g. to say what auto detected).
+    """
+    _conversion_setup(options)
+    inputs = [Path(p) for p in inputs]
+    output = Path(output)
+    fmt = output_format(output, fmt)
+    rejects = Path(rejects_path) if rejects_path else default_rejects_path(output)
+    _check_paths(inputs, output, rejects)
+    summary = ConvertSummary(str(output), str(rejects))
+    with record_writer(output, fmt) as out, record_writer(rejects, "jsonl") as rejected:
+        sink = _Sink(summary, out, rejected, dedupe=options.dedupe)
+        for path in inputs:
+            file_summary = FileSummary(str(path))
+            summary.files.append(file_summary)
+            _convert_file(path, options, file_summary, sink, on_file)
+    return summary
+
+
+class Outcome(NamedTuple):
+    """What became of one record: the serialized conversation and its repairs, or a reject reason."""
+
+    data: bytes | None
+    repairs: list[str]
+    reason: str = ""
+    detail: str = ""
+
+
+class RecordProcessor:
+    """Record -> :class:`Outcome` for one file; picklable, so worker processes can run it."""
+
+    def __init__(self, source: Source, options: ConvertOptions, path: Path):
+        self.source, self.options, self.path = source, options, path
+
+    def __call__(self, record: Any) -> Outcome:
+        try:
+            if not isinstance(record, dict):
+                raise RecordRejected("not an object", f"record is {type(record).__name__}")
+            conversation, applied = finish(self.source.convert(record), repair=self.options.repair,
+                                           tool_turns=self.options.tool_turns, verbatim=self.source.verbatim,
+                                           default_system=self.options.system)
+        except RecordRejected as rejection:
+            return Outcome(None, [], rejection.reason, rejection.detail)
+        return Outcome(serialize(conversation), applied)
+
+    def process_lines(self, batch: list[tuple[int, int, bytes | str]]) -> list[Outcome]:
+        return [self(parse_line(self.path, line, text)) for _, line, text in batch]
+
+
+class _Sink:
+    """Writes outcomes in input order: conversations to the output, rejects with their original record."""
+
+    def __init__(self, summary: ConvertSummary, out, rejected, *, dedupe: bool):
+        self.summary, self.out, self.rejected = summary, out, rejected
+        self.seen: dict[bytes, str] | None = {} if dedupe else None
+
+    def add(self, file: FileSummary, index: int, line: int | None, outcome: Outcome,
+            original: Callable[[], Any]) -> None:
+        file.read += 1
+        if outcome.data is not None and self.seen is not None:
+            here = f"{file.path} record {index}"
+            first = self.seen.setdefault(hashlib.blake2b(outcome.data, digest_size=16).digest(), here)
+            if first != here:
+                outcome = Outcome(None, [], "duplicate", f"same as {first}")
+        if outcome.data is None:
+            file.rejected += 1
+            self.summary.rejects[outcome.reason] += 1
+            self.rejected.write({"file": file.path, "index": index, "line": line, "reason": outcome.reason,
+                                 "detail": outcome.detail, "record": original()})
+        else:
+            file.written += 1
+            self.summary.repairs.update(outcome.repairs)
+            self.out.write_serialized(outcome.data)
+
+
+def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary, sink: _Sink,
+                  on_file: Callable[[FileSummary], None] | None) -> None:
+    records = iter_raw_records(path, encoding=options.encoding)
+    head = list(itertools.islice(records, DETECT_SAMPLE))
+    name = options.source
+    if name == "auto" and (options.user_col or options.template):
+        name = "csv"
+    if name == "auto" and head:
+        name = detect_format([r.data for r in head], str(path))
+        file_summary.detected = True
+    file_summary.format = name if head or name != "auto" else None
+    if on_file:
+        on_file(file_summary)
+    if not head:
+        return
+    source = make_source(name, **options.table_options())
+    if isinstance(head[0].data, dict) and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        source.check_columns(list(head[0].data), str(path))
+    process = RecordProcessor(source, options, path)
+    workers = _worker_count(path, options.workers)
+    lines = json_lines(path, encoding=options.encoding) if workers > 1 else None
+    if lines is None:
+        for raw in itertools.chain(head, records):
+            sink.add(file_summary, raw.index, raw.line, process(raw.data), lambda raw=raw: raw.data)
+        return
+    records.close()  # the workers parse every line, the sampled head included
+    for batch, outcomes in _in_workers(process, lines, workers):
+        for (index, line, text), outcome in zip(batch, outcomes):
+            sink.add(file_summary, index, line, outcome, lambda text=text: orjson.loads(text))
+
+
+# Files at least this large are converted by several processes when --workers is not given.
+PARALLEL_MIN_BYTES = 64 << 20
+_BATCH_BYTES = 1 << 20
+
+
+def _worker_count(path: Path, workers: int | None) -> int:
+    if workers is not None:
+        return max(workers, 1)
+    return min(os.cpu_count() or 1, 8) if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
+
+
+def _process_batch(process: RecordProcessor, batch: list[tuple[int, int, bytes | str]]) -> list[Outcome]:
+    return process.process_lines(batch)
+
+
+def _in_workers(process: RecordProcessor, lines: Iterator[tuple[int, int, bytes | str]],
+                workers: int) -> Iterator[tuple[list, list[Outcome]]]:
+    """Batches of lines and their outcomes, in input order; at most ``2 * workers`` batches in flight,
+    so memory stays flat however large the file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for batch in _batches(lines):
+            pending.append((batch, pool.submit(_process_batch, process, batch)))
+            if len(pending) >= 2 * workers:
+                batch, future = pending.popleft()
+                yield batch, future.result()
+        while pending:
+            batch, future = pending.popleft()
+            yield batch, future.result()
+
+
+def _batches(lines: Iterator[tuple[int, int, bytes | str]]) -> Iterator[list]:
+    batch, size = [], 0
+    for item in lines:
+        batch.append(item)
+        size += len(item[2])
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_ratio: float, seed: int = 42,
+                      options: ConvertOptions = ConvertOptions(), fmt: str | None = None,
+                      rejects_path: str | Path | None = None,
+                      on_file: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
+    """Convert into the folder ``out_dir`` as ``train.<fmt>`` and ``dev.<fmt>`` (default json);
+    rejects go to ``out_dir/rejects.jsonl`` unless ``rejects_path`` is given."""
+    from minicpm_data.split import dev_indices, split_file
+
+    out_dir = Path(out_dir)
+    if out_dir.suffix.lower() in (".json", ".jsonl"):
+        raise InputError(f"{out_dir}: with --dev-ratio, -o names a folder (it gets train.* and dev.*)")
+    dev_indices(0, dev_ratio, seed)  # checks the ratio before any work
+    fmt = output_format(f"x.{fmt or 'json'}")
+    combined = out_dir / f".converted.{fmt}"
+    summary = convert_files(inputs, combined, options=options, fmt=fmt,
+                            rejects_path=rejects_path or out_dir / "rejects.jsonl", on_file=on_file)
+    try:
+        result = split_file(combined, out_dir, dev_ratio=dev_ratio, seed=seed, fmt=fmt)
+    finally:
+        combined.unlink(missing_ok=True)
+    summary.output = str(out_dir)
+    summary.splits = result.to_dict()
+    return summary

@@ -1,0 +1,161 @@
+"""Rich tables, terminal histograms, PNG plots and the inspect view; they build renderables, never print."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from minicpm_data.stats import FileStats
+
+HISTOGRAM_BINS = 16
+BAR_WIDTH = 40
+TRAINED_STYLE, PROMPT_STYLE, CUT_STYLE = "bold black on green", "dim", "strike red"
+
+
+def _count(value: int, whole: int) -> str:
+    return f"{value:,} ({value / whole:.1%})" if whole else f"{value:,}"
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: str) -> Table:
+    """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
+    first = all_stats[0]
+    table = Table(title=f"tokenizer {tokenizer_name} · layout {template} · model_max_length {first.model_max_length}"
+                  f" · truncation {first.truncation}", title_justify="left", header_style="bold")
+    table.add_column("")
+    for stats in all_stats:
+        table.add_column(Path(stats.file).name, justify="right")
+
+    def row(label: str, cell) -> None:
+        table.add_row(label, *(cell(stats) for stats in all_stats))
+
+    roles = sorted({role for stats in all_stats for role in stats.roles})
+    row("records", lambda s: f"{s.records:,}")
+    row("turns per record (mean, min-max)", lambda s: f"{s.turns.mean:.2f}, {s.turns.min}-{s.turns.max}")
+    for role in roles:
+        row(f"  {role} messages", lambda s, role=role: f"{s.roles.get(role, 0):,}")
+    table.add_section()
+    for name in ("min", "mean", "p50", "p90", "p95", "p99", "max"):
+        row(f"tokens per sample: {name}", lambda s, name=name: _num(getattr(s.tokens, name)))
+    row("trained tokens per sample: mean", lambda s: _num(s.trained.mean))
+    row("trained tokens per sample: p50 / max", lambda s: f"{_num(s.trained.p50)} / {s.trained.max:,}")
+    row("template overhead per sample", lambda s: f"{s.template_overhead:,.1f} tokens "
+        f"({s.template_overhead / s.tokens.mean if s.tokens.mean else 0:.0%})")
+    table.add_section()
+    row(f"longer than {first.model_max_length}", lambda s: _count(s.over_max_length, s.records))
+    row("  lose some trained tokens", lambda s: _count(s.labels_partly_truncated, s.records))
+    row("  lose all trained tokens (never trained)", lambda s: _count(s.labels_fully_truncated, s.records))
+    row("no trained token at all (no answer)", lambda s: _count(s.no_trained_tokens, s.records))
+    row("trained tokens cut away", lambda s: f"{s.trained_tokens_lost:,}")
+    table.add_section()
+    row("samples trained per epoch", lambda s: _count(s.trainable_samples, s.records))
+    row("tokens per epoch", lambda s: f"{s.total_tokens:,}")
+    row("trained tokens per epoch", lambda s: _count(s.trained_tokens, s.total_tokens))
+    row(f"padding to {first.model_max_length} (reference trainer)",
+        lambda s: _count(s.padding_to_max_length, s.padding_to_max_length + s.total_tokens))
+    row(f"padding to longest in batch of {first.batch_size}",
+        lambda s: _count(s.padding_to_longest, s.padding_to_longest + s.total_tokens))
+    table.add_section()
+    row("suggested model_max_length", lambda s: f"{s.suggested_max_length:,}")
+    return table
+
+
+def suggestion_text(stats: FileStats) -> Text:
+    """Why the suggested length: the smallest multiple of 64 covering the 99th percentile."""
+    lengths = stats.lengths
+    over = int((lengths > stats.suggested_max_length).sum()) if lengths is not None else 0
+    return Text(f"{Path(stats.file).name}: suggested model_max_length {stats.suggested_max_length} is the smallest "
+                f"multiple of 64 covering p99 ({stats.tokens.p99:,.0f} tokens); {over:,} of {stats.records:,} "
+                f"samples are longer (longest {stats.tokens.max:,}).")
+
+
+def histogram(stats: FileStats) -> Table:
+    """Length histogram in the terminal; bins past model_max_length are red."""
+    import numpy as np
+
+    limit = stats.model_max_length
+    low, top = min(stats.tokens.min, limit), max(stats.tokens.max, limit) + 1
+    counts, edges = np.histogram(stats.lengths, bins=HISTOGRAM_BINS, range=(low, top))
+    table = Table(title=f"{Path(stats.file).name}: tokens per sample (red: longer than model_max_length {limit})",
+                  title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_column(justify="right")
+    table.add_column()
+    table.add_column(justify="right")
+    peak = max(int(counts.max()), 1)
+    for count, low, high in zip(counts, edges[:-1], edges[1:]):
+        bar = "█" * int(round(BAR_WIDTH * count / peak)) or ("▏" if count else "")
+        style = "red" if low > limit else "yellow" if limit < high else "green"
+        marker = f" ← {limit}" if low <= limit < high else ""
+        table.add_row(f"{low:,.0f}-{high:,.0f}", Text(bar, style=style), f"{count:,}{marker}")
+    return table
+
+
+def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
+    """PNG histogram of tokens per sample, one series per file, model_max_length and suggestion marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4.8), dpi=110)
+    limit = all_stats[0].model_max_length
+    top = max(max(int(s.tokens.max) for s in all_stats), limit)
+    for stats in all_stats:
+        axes.hist(stats.lengths, bins=60, range=(0, top), alpha=0.55, label=f"{Path(stats.file).name} "
+                  f"({stats.records:,} samples, {stats.over_max_length:,} over)")
+    axes.axvline(limit, color="red", linestyle="--", label=f"model_max_length = {limit}")
+    axes.axvline(all_stats[0].suggested_max_length, color="black", linestyle=":",
+                 label=f"suggested for {Path(all_stats[0].file).name} = {all_stats[0].suggested_max_length}")
+    axes.set_xlabel("tokens per sample (rendered as training sees them)")
+    axes.set_ylabel("samples")
+    axes.set_title("Sample lengths")
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: Any = None) -> Group:
+    """The "what will the model learn" view of one sample.
+
+    ``full`` is the untruncated rendering, ``cut`` the same sample under the truncation policy (if any):
+    trained tokens are highlighted, tokens cut by truncation struck out, with per-turn token counts.
+    """
+    cut = cut or full
+    ids, kept = full.input_ids, len(cut.input_ids)
+    labels = cut.labels + full.labels[kept:]
+    changes = (i for i in range(1, len(labels)) if (labels[i] == -100) != (labels[i - 1] == -100))
+    boundaries = sorted({0, len(ids), kept, *full.turn_ends, *changes})
+    text, decoded = Text(), ""
+    for start, end in zip(boundaries, boundaries[1:]):
+        # Decoding prefixes keeps multi-token characters and the tokenizer's own spacing intact.
+        upto = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece, decoded = upto[len(decoded):], upto
+        style = CUT_STYLE if start >= kept else TRAINED_STYLE if labels[start] != -100 else PROMPT_STYLE
+        text.append(piece, style=style)
+    title = f"sample {index}: {full.num_tokens:,} tokens, {full.trained_tokens:,} trained"
+    if cut.truncated:
+        title += (f"; over {kept:,}: {cut.trained_tokens_lost:,} trained tokens cut"
+                  + ("" if cut.trainable else ", never trained"))
+    turns = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("turn", "role", "tokens", "trained", "content"):
+        turns.add_column(name, justify="left" if name in ("role", "content") else "right",
+                         overflow="ellipsis", no_wrap=name == "content", max_width=60)
+    start = 0
+    for number, (message, end) in enumerate(zip(conversation.messages, full.turn_ends)):
+        trained = sum(label != -100 for label in cut.labels[start:min(end, kept)])
+        turns.add_row(str(number), message.role, f"{end - start:,}", f"{trained:,}", repr(message.content))
+        start = end
+    legend = Text.assemble(("trained", TRAINED_STYLE), "  ", ("not trained", PROMPT_STYLE), "  ",
+                           ("cut by truncation", CUT_STYLE))
+    return Group(turns, legend, text, Text(""))

@@ -1,0 +1,61 @@
+"""Tables (CSV, TSV, Parquet, or any flat records) mapped to one exchange per row."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from typing import Any
+
+from minicpm_data.conversation import Conversation, Message
+from minicpm_data.errors import FormatError
+from minicpm_data.sources.base import Source, field, optional_text, text
+
+
+class Table(Source):
+    """One row -> one exchange, by column mapping or a prompt template.
+
+    ``user_col``/``assistant_col`` (and optional ``system_col``) name the columns; or ``template``
+    builds the user turn from ``{column}`` placeholders (``{{``/``}}`` for literal braces)::
+
+        Q,A          --user-col Q --assistant-col A
+        12시 땡!,하루가 또 가네요.   -> {"messages": [{"role": "user", "content": "12시 땡!"},
+                                                   {"role": "assistant", "content": "하루가 또 가네요."}]}
+    """
+
+    name = "csv"
+
+    def __init__(self, *, user_col: str | None = None, assistant_col: str | None = None,
+                 system_col: str | None = None, template: str | None = None):
+        if not assistant_col or not (user_col or template):
+            raise FormatError("--from csv needs --assistant-col and either --user-col or --template")
+        if user_col and template:
+            raise FormatError("give --user-col or --template, not both")
+        self.user_col, self.assistant_col, self.system_col, self.template = user_col, assistant_col, system_col, template
+        placeholders = [name for _, name, _, _ in string.Formatter().parse(template or "") if name is not None]
+        if any(not name.strip() for name in placeholders):
+            raise FormatError(f"--template has an empty placeholder: {template!r}")
+        self.columns = [c for c in (user_col, assistant_col, system_col, *placeholders) if c]
+
+    def check_columns(self, columns: list[str], path: str) -> None:
+        missing = [name for name in dict.fromkeys(self.columns) if name not in columns]
+        if missing:
+            raise FormatError(f"{path}: missing column {', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
+
+    def convert(self, record: Mapping[str, Any]) -> Conversation:
+        if self.template:
+            values = {name: _cell(field(record, name), name) for name in self.columns}
+            prompt = self.template.format_map(values)
+        else:
+            prompt = _cell(field(record, self.user_col), self.user_col)
+        system = optional_text(record, self.system_col) if self.system_col else ""
+        messages = [Message("system", system)] if system else []
+        messages += [Message("user", prompt),
+                     Message("assistant", _cell(field(record, self.assistant_col), self.assistant_col))]
+        return Conversation(messages)
+
+
+def _cell(value: Any, column: str) -> str:
+    """A cell as text: numbers (typed Parquet/JSON columns) are written as they read."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return text(value, repr(column))

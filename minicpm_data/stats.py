@@ -1,0 +1,160 @@
+"""Numbers about a data file as training will see it, all from :func:`minicpm_data.render.render_many`.
+
+Token counts are of the full rendering (before truncation) unless the name says otherwise;
+``total_tokens`` / ``trained_tokens`` are per epoch after the truncation policy, over the samples
+training keeps (a sample with no trained token left is never trained on).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from minicpm_data.conversation import Conversation, Message
+
+PERCENTILES = (50, 90, 95, 99)
+LENGTH_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """min, mean, p50, p90, p95, p99, max of one number per sample (zeros when there is no sample)."""
+
+    min: int = 0
+    mean: float = 0.0
+    p50: float = 0.0
+    p90: float = 0.0
+    p95: float = 0.0
+    p99: float = 0.0
+    max: int = 0
+
+    @classmethod
+    def of(cls, values: Any) -> "Distribution":
+        import numpy as np
+
+        if len(values) == 0:
+            return cls()
+        p50, p90, p95, p99 = np.percentile(values, PERCENTILES)
+        return cls(int(values.min()), float(values.mean()), float(p50), float(p90), float(p95), float(p99),
+                   int(values.max()))
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in ("min", "mean", "p50", "p90", "p95", "p99", "max")}
+
+
+@dataclass
+class FileStats:
+    """What ``minicpm-data stats`` reports for one file."""
+
+    file: str
+    records: int
+    model_max_length: int
+    truncation: str
+    batch_size: int
+    roles: Counter = field(default_factory=Counter)
+    turns: Distribution = Distribution()
+    tokens: Distribution = Distribution()
+    trained: Distribution = Distribution()
+    template_overhead: float = 0.0          # mean tokens per sample that the layout adds around contents
+    over_max_length: int = 0
+    labels_partly_truncated: int = 0        # lose some trained tokens, still trained on
+    labels_fully_truncated: int = 0         # lose every trained token: never trained on
+    no_trained_tokens: int = 0              # no assistant content even before truncation (e.g. no answer)
+    trainable_samples: int = 0
+    trained_tokens_lost: int = 0
+    total_tokens: int = 0                   # per epoch, after truncation, trainable samples only
+    trained_tokens: int = 0
+    padding_to_max_length: int = 0          # pad tokens when every sample is padded to model_max_length
+    padding_to_longest: int = 0             # pad tokens when each batch is padded to its longest sample
+    suggested_max_length: int = 0
+    lengths: Any = None                     # numpy array of full token counts, for histograms
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``lengths`` left out)."""
+        return {
+            "file": self.file, "records": self.records, "model_max_length": self.model_max_length,
+            "truncation": self.truncation, "roles": dict(self.roles), "turns": self.turns.to_dict(),
+            "tokens": self.tokens.to_dict(), "trained_tokens_per_sample": self.trained.to_dict(),
+            "template_overhead": self.template_overhead, "over_max_length": self.over_max_length,
+            "labels_partly_truncated": self.labels_partly_truncated,
+            "labels_fully_truncated": self.labels_fully_truncated, "no_trained_tokens": self.no_trained_tokens,
+            "trainable_samples": self.trainable_samples, "trained_tokens_lost": self.trained_tokens_lost,
+            "total_tokens": self.total_tokens, "trained_tokens": self.trained_tokens,
+            "padding": {"batch_size": self.batch_size, "to_max_length": self.padding_to_max_length,
+                        "to_longest_in_batch": self.padding_to_longest},
+            "suggested_model_max_length": self.suggested_max_length,
+        }
+
+
+def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: Any, *, model_max_length: int,
+                  template: str | None = None, truncation: str = "right", batch_size: int = 8,
+                  on_progress: Callable[[int], None] | None = None) -> FileStats:
+    """Render every conversation once (batched) and reduce the samples to :class:`FileStats`."""
+    import numpy as np
+
+    from minicpm_data.render import BATCH_SIZE, render_many
+
+    count = len(conversations)
+    full, trained, lost, kept, trainable = (np.zeros(count, dtype=np.int64) for _ in range(5))
+    overhead_by_shape: dict[tuple[str, ...], int] = {}
+    overhead = 0
+    roles: Counter = Counter()
+    for start in range(0, count, BATCH_SIZE):
+        chunk = conversations[start:start + BATCH_SIZE]
+        samples = render_many(chunk, tokenizer, template=template, max_length=model_max_length,
+                              truncation=truncation)
+        for offset, (conversation, sample) in enumerate(zip(chunk, samples)):
+            i = start + offset
+            full[i], trained[i], lost[i] = sample.num_tokens, sample.trained_tokens, sample.trained_tokens_lost
+            kept[i], trainable[i] = len(sample.input_ids), sample.trainable
+            shape = tuple(m.role for m in conversation.messages)
+            if shape not in overhead_by_shape:
+                overhead_by_shape[shape] = _layout_tokens(shape, tokenizer, template)
+            overhead += overhead_by_shape[shape]
+            roles.update(shape)
+        if on_progress is not None:
+            on_progress(len(chunk))
+    turns = np.array([len(c.messages) for c in conversations], dtype=np.int64)
+    keep = trainable.astype(bool)
+    return FileStats(
+        file=file, records=count, model_max_length=model_max_length, truncation=truncation,
+        batch_size=batch_size, roles=roles, turns=Distribution.of(turns), tokens=Distribution.of(full),
+        trained=Distribution.of(trained), template_overhead=overhead / count if count else 0.0,
+        over_max_length=int((full > model_max_length).sum()),
+        labels_partly_truncated=int(((lost > 0) & keep).sum()),
+        labels_fully_truncated=int(((trained > 0) & ~keep).sum()),
+        no_trained_tokens=int((trained == 0).sum()), trainable_samples=int(keep.sum()),
+        trained_tokens_lost=int(lost.sum()), total_tokens=int(kept[keep].sum()),
+        trained_tokens=int((trained - lost)[keep].sum()),
+        padding_to_max_length=int(model_max_length * keep.sum() - kept[keep].sum()),
+        padding_to_longest=padding_to_longest(kept[keep], batch_size),
+        suggested_max_length=suggest_max_length(full), lengths=full,
+    )
+
+
+def padding_to_longest(lengths: Any, batch_size: int) -> int:
+    """Pad tokens when consecutive batches of ``batch_size`` are each padded to their longest sample."""
+    whole = len(lengths) // batch_size * batch_size
+    batches = lengths[:whole].reshape(-1, batch_size)
+    padding = int((batches.max(axis=1, keepdims=True) - batches).sum()) if whole else 0
+    rest = lengths[whole:]
+    return padding + (int((rest.max() - rest).sum()) if len(rest) else 0)
+
+
+def suggest_max_length(lengths: Any) -> int:
+    """The smallest multiple of 64 that covers the 99th percentile of sample lengths (at least 64)."""
+    import numpy as np
+
+    if len(lengths) == 0:
+        return LENGTH_MULTIPLE
+    p99 = float(np.percentile(lengths, 99))
+    return max(LENGTH_MULTIPLE, -(-int(np.ceil(p99)) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
+
+
+def _layout_tokens(roles: tuple[str, ...], tokenizer: Any, template: str | None) -> int:
+    """Tokens the layout itself costs for a sequence of roles: the rendering with empty contents."""
+    from minicpm_data.render import render
+
+    return render(Conversation([Message(role, "") for role in roles]), tokenizer, template=template).num_tokens

@@ -1,0 +1,137 @@
+"""Check target-format files: the JSON Schema in ``schemas/`` plus the turn-order rules it can't express.
+
+Rules: roles are system, user, assistant; a system turn only first; then user and assistant
+alternate, starting with user and ending with assistant; every content is a non-empty string
+after stripping. Each problem names the file, record index, line (JSON Lines), a JSON pointer
+and a plain message.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from minicpm_data.conversation import ROLES
+from minicpm_data.errors import InputError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "messages.schema.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a file: where (file, record index, line, JSON pointer) and what."""
+
+    file: str
+    index: int | None
+    line: int | None
+    pointer: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        record = f" record {self.index}" if self.index is not None else ""
+        pointer = f" at {self.pointer}" if self.pointer else ""
+        return f"{where}{record}{pointer}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    """The target format's JSON Schema (one copy, in the repository's ``schemas/``)."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _record_validator():
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    return Draft202012Validator({"$ref": "#/$defs/conversation", "$defs": schema["$defs"]})
+
+
+def turn_problems(roles: Sequence[str]) -> list[tuple[int | None, str]]:
+    """Turn-order problems as ``(turn position or None, message)``; empty when the order is valid."""
+    if not roles:
+        return [(None, "no messages")]
+    problems: list[tuple[int | None, str]] = [
+        (position, f"system turn at position {position}; only the first turn may be system")
+        for position, role in enumerate(roles)
+        if role == "system" and position > 0
+    ]
+    start = 1 if roles[0] == "system" else 0
+    for step, role in enumerate(roles[start:]):
+        expected = "user" if step % 2 == 0 else "assistant"
+        if role != expected and role != "system":
+            problems.append((start + step, f"turn is {role}, expected {expected}: after an optional system turn, "
+                                           "user and assistant alternate, starting with user"))
+            break
+    if len(roles) == start:
+        problems.append((None, "no user or assistant turns"))
+    elif roles[-1] != "assistant":
+        problems.append((len(roles) - 1, f"last turn is {roles[-1]}; a conversation must end with an assistant turn"))
+    return problems
+
+
+_MESSAGE_KEYS = {"role", "content"}
+
+
+def _fits_schema(record: Any) -> bool:
+    """The schema's conversation definition as plain Python: a fast path for valid records
+    (jsonschema runs only when this says no, to explain why; a test keeps the two in step)."""
+    messages = record.get("messages") if type(record) is dict else None
+    return type(messages) is list and len(messages) >= 2 and all(
+        type(m) is dict and m.keys() == _MESSAGE_KEYS and m["role"] in ROLES
+        and type(m["content"]) is str and not m["content"].isspace() and m["content"] != ""
+        for m in messages)
+
+
+def record_problems(record: Any) -> list[tuple[str, str]]:
+    """``(JSON pointer within the record, message)`` for everything wrong with one record."""
+    if not _fits_schema(record):
+        problems = [("".join(f"/{part}" for part in error.absolute_path), _schema_message(error))
+                    for error in _record_validator().iter_errors(record)]
+        if problems:
+            return sorted(problems)
+    roles = [message["role"] for message in record["messages"]]
+    return [(f"/messages/{position}" if position is not None else "/messages", message)
+            for position, message in turn_problems(roles)]
+
+
+_PLAIN_SCHEMA_MESSAGES = {
+    "pattern": "content is empty or only whitespace",
+    "minItems": "a conversation needs at least a user turn and an assistant turn",
+}
+
+
+def _schema_message(error) -> str:
+    return _PLAIN_SCHEMA_MESSAGES.get(error.validator, error.message)
+
+
+def validate_file(path: str | Path) -> list[Problem]:
+    """Every problem in a target-format ``.json`` (list) or ``.jsonl`` file; empty when it is valid."""
+    from minicpm_data.io import RecordParseError, iter_raw_records, json_layout
+
+    path = Path(path)
+    name = str(path)
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return [Problem(name, None, None, "", "not a .json or .jsonl file")]
+    try:
+        layout = json_layout(path) if path.is_file() else "list"
+        if layout == "object":
+            return [Problem(name, None, None, "", "top level is a single object; expected a JSON list of records")]
+        problems = []
+        for raw in iter_raw_records(path):
+            prefix = f"/{raw.index}" if layout == "list" else ""
+            problems.extend(Problem(name, raw.index, raw.line, prefix + pointer, message)
+                            for pointer, message in record_problems(raw.data))
+        return problems
+    except RecordParseError as error:
+        return [Problem(name, None, error.line, "", error.detail)]
+    except InputError as error:
+        return [Problem(name, None, None, "", str(error).removeprefix(f"{name}: "))]

@@ -1,0 +1,52 @@
+"""Progress display for training: a Rich bar with loss, learning rate, tokens per second and ETA."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+
+class ProgressCallback(TrainerCallback):
+    """Shows step progress, the last logged loss and learning rate, tokens/s, ETA; prints eval losses."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+        self._tokens_at = (0.0, 0)  # (time, num_input_tokens_seen) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
+        self._tokens_at = (time.monotonic(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.progress is None:
+            return
+        if "eval_loss" in logs:
+            self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            return
+        if "loss" not in logs:
+            return
+        now, seen = time.monotonic(), state.num_input_tokens_seen
+        then, seen_before = self._tokens_at
+        self._tokens_at = (now, seen)
+        rate = (seen - seen_before) / (now - then) if now > then else 0.0
+        stats = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {rate:,.0f} tok/s"
+        self.progress.update(self.task, completed=state.global_step, stats=stats)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,241 @@
+"""What a training run depends on, checked: ``gather()`` describes this machine, ``check()`` judges it.
+
+``check`` is a pure function of an :class:`Environment`, so tests feed it simulated GPUs. The
+hardware rules (bf16 support, RTX 40-series NCCL settings) are ``minicpm_train.launch``'s, the same
+the run applies.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+
+from minicpm_train.launch import NCCL_CONSUMER_ENV, Device
+
+# Lowest versions the toolkit is written against (transformers 5 APIs: dtype=, processing_class=,
+# eval_strategy; MiniCPM3 native since 5.13). None: only reported.
+MINIMUM_VERSIONS = {"transformers": "5.0", "peft": "0.14", "deepspeed": "0.15", "bitsandbytes": "0.45",
+                    "accelerate": "1.0", "torch": "2.4"}
+OPTIONAL = {"deepspeed": "--deepspeed", "bitsandbytes": "--qlora"}
+GUIDE_MIN_CAPABILITY = (7, 5)  # the guide: RTX 20 series or newer
+LORA_GIB, QLORA_GIB = 12, 6  # the guide's minimum GPU memory for LoRA and for QLoRA
+
+
+@dataclass
+class Environment:
+    """A description of the machine, gathered by :func:`gather` or written by a test."""
+
+    python: str
+    platform: str
+    torch: str | None
+    torch_cuda: str | None  # the CUDA version torch was built with; None for a CPU build
+    cuda_available: bool
+    gpus: list[Device]
+    packages: dict[str, str | None]
+    env: dict[str, str] = field(default_factory=dict)
+    deepspeed_ops: dict[str, bool] = field(default_factory=dict)  # op -> can it build here
+    deepspeed_accelerator: str | None = None
+    ninja: bool = False
+    compiler: str | None = None
+    nvcc: str | None = None
+    bnb_backend: str | None = None
+    bnb_error: str | None = None
+
+
+@dataclass
+class Check:
+    item: str
+    value: str
+    verdict: str  # ok | warn | fail | info
+    advice: str = ""
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gather() -> Environment:
+    """Describe this machine: Python, torch/CUDA, GPUs, libraries, DeepSpeed ops, bitsandbytes."""
+    import logging
+
+    from minicpm_train.launch import detect_devices
+
+    packages = {name: _version(name) for name in ("transformers", "peft", "deepspeed", "bitsandbytes",
+                                                  "accelerate", "torch")}
+    environment = Environment(
+        python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
+        torch=packages.pop("torch"), torch_cuda=None, cuda_available=False, gpus=[], packages=packages,
+        env={k: v for k, v in os.environ.items() if k.startswith("NCCL_") or k == "CUDA_VISIBLE_DEVICES"},
+        compiler=shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"), nvcc=shutil.which("nvcc"))
+    if environment.torch is None:
+        return environment
+    import torch
+
+    environment.torch_cuda = torch.version.cuda
+    environment.cuda_available = torch.cuda.is_available()
+    environment.gpus = detect_devices()
+    from torch.utils.cpp_extension import is_ninja_available
+
+    environment.ninja = is_ninja_available()
+    if packages["deepspeed"]:
+        try:
+            logging.disable(logging.WARNING)  # its import warns "Setting accelerator to CPU": ours to say
+            try:
+                from deepspeed.accelerator import get_accelerator
+            finally:
+                logging.disable(logging.NOTSET)
+            accelerator = get_accelerator()
+            environment.deepspeed_accelerator = accelerator._name
+            for op, builder in (("cpu_adam", "CPUAdamBuilder"), ("fused_adam", "FusedAdamBuilder")):
+                op_builder = accelerator.create_op_builder(builder)
+                environment.deepspeed_ops[op] = bool(op_builder and op_builder.is_compatible(False))
+        except Exception as error:  # a broken install must not stop the report
+            environment.deepspeed_ops["import"] = False
+            environment.deepspeed_accelerator = f"error: {error}"
+    if packages["bitsandbytes"]:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        try:
+            from bitsandbytes import cextension
+
+            environment.bnb_backend = cextension.BNB_BACKEND
+            if type(cextension.lib).__name__.startswith("ErrorHandler"):
+                environment.bnb_error = "no native library for this platform"
+        except Exception as error:
+            environment.bnb_error = str(error).splitlines()[0]
+    return environment
+
+
+def _at_least(version: str, minimum: str) -> bool:
+    from packaging.version import Version
+
+    return Version(version.split("+")[0]) >= Version(minimum)
+
+
+def _gpu_checks(env: Environment) -> list[Check]:
+    from minicpm_train.launch import LaunchOptions, decide
+
+    checks: list[Check] = []
+    if not env.gpus:
+        if env.torch_cuda:
+            advice = "no GPU visible: check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"
+        else:
+            advice = "CPU only: fine for the tiny test models; a MiniCPM run needs a CUDA GPU and a CUDA build of torch"
+        return [Check("GPU", "none", "warn", advice),
+                Check("bf16", "CPU", "info", "no GPU: runs train in float32 (--bf16 is ignored, --fp16 refused)"),
+                Check("NCCL", "not used", "info", "CPU runs use the gloo backend")]
+    if env.torch_cuda is None or not env.cuda_available:
+        checks.append(Check("torch CUDA", "CPU build" if env.torch_cuda is None else "not available", "fail",
+                            "GPUs are present but torch cannot use them: install a CUDA build of torch matching "
+                            "the driver"))
+    for index, gpu in enumerate(env.gpus):
+        major, minor = gpu.compute_capability
+        value = f"{gpu.name}, {gpu.memory_gib:.1f} GiB, compute {major}.{minor}"
+        if gpu.compute_capability < GUIDE_MIN_CAPABILITY:
+            verdict, advice = "warn", "older than the guide's minimum (RTX 20 series, compute 7.5)"
+        elif gpu.memory_gib < QLORA_GIB:
+            verdict, advice = "warn", f"under {QLORA_GIB} GiB: even QLoRA of MiniCPM-2B may not fit (check with plan)"
+        elif gpu.memory_gib < LORA_GIB:
+            verdict, advice = "warn", f"under {LORA_GIB} GiB: use --qlora (check with `minicpm-train plan`)"
+        else:
+            verdict, advice = "ok", ""
+        checks.append(Check(f"GPU {index}", value, verdict, advice))
+    no_bf16 = [gpu.name for gpu in env.gpus if not gpu.supports_bf16]
+    checks.append(Check("bf16", "no" if no_bf16 else "yes", "warn" if no_bf16 else "ok",
+                        f"{no_bf16[0]} has no bf16: use --fp16 or --precision auto" if no_bf16 else "use --bf16"))
+    if len(env.gpus) > 1:
+        needed = decide(LaunchOptions(), env.gpus).env
+        nccl = {k: v for k, v in needed.items() if k in NCCL_CONSUMER_ENV}
+        if not nccl:
+            checks.append(Check("NCCL", "defaults", "ok", ""))
+        else:
+            wanted = " ".join(f"{k}={v}" for k, v in nccl.items())
+            unset = [k for k, v in nccl.items() if env.env.get(k) != v]
+            checks.append(Check("NCCL", wanted if not unset else f"{', '.join(unset)} not set",
+                                "ok" if not unset else "info",
+                                "" if not unset else f"RTX 40-series: `minicpm-train run` sets {wanted} itself; "
+                                                     f"export them for other launchers"))
+    else:
+        checks.append(Check("NCCL", "not needed", "info", "one GPU: no inter-GPU communication"))
+    return checks
+
+
+def _package_checks(env: Environment) -> list[Check]:
+    checks = []
+    for name in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes"):
+        version, minimum = env.packages.get(name), MINIMUM_VERSIONS[name]
+        if version is None:
+            needed_for = OPTIONAL.get(name)
+            checks.append(Check(name, "missing", "warn" if needed_for else "fail",
+                                f"pip install '{name}>={minimum}'" + (f" (needed for {needed_for})" if needed_for else "")))
+        elif not _at_least(version, minimum):
+            checks.append(Check(name, version, "fail", f"needs {name}>={minimum}"))
+        else:
+            checks.append(Check(name, version, "ok"))
+    return checks
+
+
+def _deepspeed_checks(env: Environment) -> list[Check]:
+    if not env.packages.get("deepspeed"):
+        return []
+    checks = []
+    if "import" in env.deepspeed_ops:
+        return [Check("DeepSpeed ops", "cannot import", "fail", env.deepspeed_accelerator or "")]
+    if env.gpus and env.deepspeed_accelerator == "cpu":
+        checks.append(Check("DeepSpeed accelerator", "cpu", "fail", "DeepSpeed does not see the GPUs (CUDA build "
+                                                                    "of torch? DS_ACCELERATOR set?)"))
+    build_tools = env.ninja and env.compiler
+    missing = [name for name, present in (("ninja", env.ninja), ("a C++ compiler", env.compiler)) if not present]
+    for op, purpose in (("cpu_adam", "offload presets (zero2_offload, zero3_offload)"),
+                        ("fused_adam", "its fused Adam (presets without offload)")):
+        if op not in env.deepspeed_ops:
+            continue
+        if env.deepspeed_ops[op] and build_tools:
+            checks.append(Check(f"DeepSpeed {op}", "can build", "ok", f"compiled on first use, for {purpose}"))
+        else:
+            reason = f"missing {' and '.join(missing)}" if missing else "not compatible with this machine"
+            checks.append(Check(f"DeepSpeed {op}", "cannot build", "fail" if op == "cpu_adam" else "warn",
+                                f"{reason}: needed for {purpose}"))
+    if env.gpus and not env.nvcc:
+        checks.append(Check("CUDA compiler", "nvcc not found", "warn",
+                            "DeepSpeed's GPU ops compile with nvcc: install the CUDA toolkit matching torch's CUDA "
+                            f"{env.torch_cuda or ''}".rstrip()))
+    return checks
+
+
+def _bnb_check(env: Environment) -> list[Check]:
+    if not env.packages.get("bitsandbytes"):
+        return []
+    if env.bnb_error:
+        return [Check("bitsandbytes backend", env.bnb_backend or "none", "fail", env.bnb_error)]
+    if env.bnb_backend == "CPU" and env.gpus:
+        return [Check("bitsandbytes backend", "CPU", "fail", "GPUs present but bitsandbytes uses its CPU backend: "
+                                                             "install a CUDA build of torch")]
+    advice = "QLoRA runs on CPU (slowly; for tests)" if env.bnb_backend == "CPU" else ""
+    return [Check("bitsandbytes backend", env.bnb_backend or "unknown", "ok" if env.bnb_backend else "warn", advice)]
+
+
+def check(env: Environment) -> list[Check]:
+    """One verdict per thing a run depends on."""
+    python_ok = tuple(map(int, env.python.split(".")[:2])) >= (3, 10)
+    checks = [Check("Python", f"{env.python} ({env.platform})", "ok" if python_ok else "fail",
+                    "" if python_ok else "needs Python 3.10 or newer")]
+    if env.torch is None:
+        return checks + [Check("torch", "missing", "fail", "pip install torch (a CUDA build for GPUs)")]
+    torch_ok = _at_least(env.torch, MINIMUM_VERSIONS["torch"])
+    checks.append(Check("torch", env.torch, "ok" if torch_ok else "fail",
+                        "" if torch_ok else f"needs torch>={MINIMUM_VERSIONS['torch']}"))
+    checks.append(Check("CUDA (torch build)", env.torch_cuda or "none (CPU build)",
+                        "ok" if env.torch_cuda else "info"))
+    return checks + _gpu_checks(env) + _package_checks(env) + _deepspeed_checks(env) + _bnb_check(env)
+
+
+def overall(checks: list[Check]) -> str:
+    """``fail`` if any check fails, else ``warn`` if any warns, else ``ok``."""
+    verdicts = {c.verdict for c in checks}
+    return "fail" if "fail" in verdicts else "warn" if "warn" in verdicts else "ok"

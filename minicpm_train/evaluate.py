@@ -1,0 +1,214 @@
+"""Evaluate a model on a dev file: loss and perplexity on the assistant tokens training would learn
+(render()'s labels), and, for answers from a small label set (OCNLI: entailment / neutral /
+contradiction), exact-match accuracy of greedy answers per label with a confusion table.
+
+Every trained token of every sample weighs the same: ``loss = sum of token losses / trained tokens``,
+``perplexity = exp(loss)`` (the Trainer's eval_loss averages per-batch means instead, so it differs
+slightly when batches hold different numbers of trained tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minicpm_data.conversation import Conversation
+from minicpm_data.errors import MinicpmError
+
+MAX_LABELS = 20  # a label set has at most this many distinct answers ...
+MAX_LABEL_CHARS = 40  # ... each this short ...
+OTHER = "(other)"  # a generated answer outside the label set
+
+
+class EvaluationError(MinicpmError):
+    """The dev data cannot be evaluated as asked."""
+
+
+@dataclass
+class SamplePrediction:
+    index: int
+    reference: str
+    loss: float | None  # mean loss over its trained tokens; None when no trained token is left
+    trained_tokens: int
+    prediction: str | None = None
+
+    @property
+    def correct(self) -> bool | None:
+        return None if self.prediction is None else self.prediction.strip() == self.reference.strip()
+
+    def to_dict(self) -> dict:
+        record = {"index": self.index, "reference": self.reference, "loss": self.loss,
+                  "trained_tokens": self.trained_tokens}
+        if self.prediction is not None:
+            record.update(prediction=self.prediction, correct=self.correct)
+        return record
+
+
+@dataclass
+class EvalResult:
+    samples: int
+    scored: int  # samples with trained tokens left after truncation
+    trained_tokens: int
+    loss: float
+    labels: list[str] = field(default_factory=list)  # the label set; empty for free-form answers
+    predictions: list[SamplePrediction] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    @property
+    def generated(self) -> list[SamplePrediction]:
+        return [p for p in self.predictions if p.prediction is not None]
+
+    @property
+    def accuracy(self) -> float | None:
+        generated = self.generated
+        return sum(bool(p.correct) for p in generated) / len(generated) if generated else None
+
+    def per_label(self) -> dict[str, tuple[int, int]]:
+        """Label -> (correct, total) by the reference label."""
+        out: dict[str, tuple[int, int]] = {}
+        for p in self.generated:
+            correct, total = out.get(p.reference, (0, 0))
+            out[p.reference] = (correct + bool(p.correct), total + 1)
+        return out
+
+    def confusion(self) -> dict[str, dict[str, int]]:
+        """Reference label -> predicted label (or ``(other)``) -> count."""
+        table: dict[str, dict[str, int]] = {gold: {} for gold in self.labels}
+        for p in self.generated:
+            predicted = p.prediction.strip() if p.prediction.strip() in self.labels else OTHER
+            row = table.setdefault(p.reference, {})
+            row[predicted] = row.get(predicted, 0) + 1
+        return table
+
+    def metrics(self) -> dict:
+        metrics = {"samples": self.samples, "scored": self.scored, "trained_tokens": self.trained_tokens,
+                   "loss": self.loss, "perplexity": self.perplexity}
+        if self.generated:
+            metrics.update(accuracy=self.accuracy, labels=self.labels,
+                           per_label={k: {"correct": c, "total": t, "accuracy": c / t}
+                                      for k, (c, t) in self.per_label().items()},
+                           confusion=self.confusion())
+        return metrics
+
+
+def detect_label_set(references: list[str]) -> list[str]:
+    """The distinct final answers if they form a small label set, else [] (free-form answers)."""
+    counts = Counter(r.strip() for r in references)
+    small = len(counts) <= min(MAX_LABELS, len(references) / 2)
+    if not references or not small or any(len(label) > MAX_LABEL_CHARS for label in counts):
+        return []
+    return sorted(counts)
+
+
+def _split_answer(conversation: Conversation, index: int) -> tuple[Conversation, str]:
+    if not conversation.messages or conversation.messages[-1].role != "assistant":
+        raise EvaluationError(f"record {index}: the last message must be the assistant's answer to evaluate")
+    return Conversation(conversation.messages[:-1]), conversation.messages[-1].content
+
+
+def _batch_losses(model, batch: list, pad_id: int, device) -> list[tuple[float, int]]:
+    """(summed token loss, trained tokens) per rendered sample of one right-padded batch, from its labels."""
+    import torch
+
+    width = max(len(r.input_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
+        labels[row, :len(r.labels)] = torch.tensor(r.labels)
+        mask[row, :len(r.input_ids)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    targets = labels[:, 1:].to(device)  # the token at t is predicted from positions < t
+    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="none")
+    trained = (targets != -100).sum(dim=1)
+    return [(float(s), int(n)) for s, n in zip(token_loss.sum(dim=1).tolist(), trained.tolist())]
+
+
+def _greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
+    """Greedy answers for one left-padded batch of prompts."""
+    import torch
+
+    from minicpm_train.inference import stop_token_ids
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=pad_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+
+def evaluate(model, tokenizer, records: Iterable[tuple[int, Conversation]], *, template: str | None = None,
+             max_length: int | None = None, batch_size: int = 8, labels: str | list[str] = "auto",
+             generate: bool | None = None, max_new_tokens: int = 256,
+             progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
+    """Loss / perplexity on trained tokens; greedy exact-match accuracy when answers form a label set.
+
+    ``labels``: "auto" (detect), "none", or the label list. ``generate``: None generates exactly when
+    there is a label set; True also for free-form answers (predictions only, no accuracy).
+    """
+    from minicpm_data.render import render, render_prompt
+
+    records = list(records)
+    if not records:
+        raise EvaluationError("the dev file has no records")
+    pairs = [_split_answer(conversation, index) for index, conversation in records]
+    references = [answer for _, answer in pairs]
+    label_set = detect_label_set(references) if labels == "auto" else [] if labels == "none" else list(labels)
+    generate = bool(label_set) if generate is None else generate
+    device = next(model.parameters()).device
+    report = progress or (lambda stage, done, total: None)
+
+    rendered = [render(conversation, tokenizer, template=template, max_length=max_length)
+                for _, conversation in records]
+    scored = [i for i, r in enumerate(rendered) if r.trainable]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses: dict[int, tuple[float, int]] = {}
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        losses.update(zip(chunk, _batch_losses(model, [rendered[i] for i in chunk], pad_id, device)))
+        report("loss", min(start + batch_size, len(scored)), len(scored))
+    total_loss = sum(s for s, _ in losses.values())
+    total_tokens = sum(n for _, n in losses.values())
+    if total_tokens == 0:
+        raise EvaluationError("no sample has a trained token left (answers truncated away by --model_max_length?)")
+
+    predictions = [SamplePrediction(index, answer, losses[i][0] / losses[i][1] if i in losses else None,
+                                    losses[i][1] if i in losses else 0)
+                   for i, ((index, _), (_, answer)) in enumerate(zip(records, pairs))]
+    if generate:
+        if label_set:
+            longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in label_set)
+            max_new_tokens = longest + 4  # room for the end-of-turn token and a stray space
+        prompts = [render_prompt(prompt, tokenizer, template=template) for prompt, _ in pairs]
+        answers: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            answers += _greedy_answers(model, tokenizer, prompts[start:start + batch_size], max_new_tokens, device)
+            report("generate", len(answers), len(prompts))
+        for prediction, answer in zip(predictions, answers):
+            prediction.prediction = answer
+    return EvalResult(len(records), len(scored), total_tokens, total_loss / total_tokens, label_set, predictions)
+
+
+def write_predictions(result: EvalResult, path: str | Path) -> Path:
+    """One JSON object per sample (index, reference, loss, prediction, correct), and the metrics beside it."""
+    from minicpm_data.io import write_records
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_records(path, (prediction.to_dict() for prediction in result.predictions), fmt="jsonl")
+    path.with_suffix(".metrics.json").write_text(json.dumps(result.metrics(), indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+    return path

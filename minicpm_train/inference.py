@@ -1,0 +1,108 @@
+"""Load a trained model for merge, chat and eval: a model folder, optionally with a LoRA adapter, offline.
+
+``MODEL`` may also be a LoRA run's output folder on its own (``adapter_config.json`` and no
+``config.json``): its base is then read from the adapter's config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from minicpm_train.model import DTYPES, ModelError, read_model_config
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers model, or a peft PeftModel when an adapter is applied
+    tokenizer: object
+    base: Path
+    adapter: Path | None
+    config: dict
+
+
+def resolve_folders(model: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
+    """(base model folder, adapter folder or None), accepting an adapter folder given as the model."""
+    model = Path(model)
+    if adapter is None and (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+        adapter_config = json.loads((model / "adapter_config.json").read_text(encoding="utf-8"))
+        base = adapter_config.get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise ModelError(f"{model} is a LoRA adapter whose base model {base!r} is not a local folder here; "
+                             "pass the base folder as MODEL and this folder as --adapter")
+        return Path(base), model
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter {adapter}: no adapter_config.json there (a LoRA run's output folder, or "
+                             "one of its checkpoint-N folders)")
+    return model, adapter
+
+
+def default_dtype(device: str) -> str:
+    """fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+    if device == "cpu":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer_for(base: Path, adapter: Path | None, *, trust_remote_code: bool):
+    """The tokenizer the run saved next to its adapter, else the base model's."""
+    from minicpm_data.tokenizer import load_tokenizer
+
+    source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
+    return load_tokenizer(str(source), trust_remote_code=trust_remote_code)
+
+
+def load_model(model: str | Path, adapter: str | Path | None = None, *, trust_remote_code: bool = False,
+               dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """The base model with the adapter applied (not merged), in eval mode, plus its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per load is noise in a chat terminal
+    base, adapter = resolve_folders(model, adapter)
+    config = read_model_config(base, trust_remote_code=trust_remote_code)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, DTYPES[dtype]),
+                                                  local_files_only=True, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
+    loaded.to(device).eval()
+    tokenizer = load_tokenizer_for(base, adapter, trust_remote_code=trust_remote_code)
+    return LoadedModel(loaded, tokenizer, base, adapter, config)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's and generation config's eos, and ChatML's <|im_end|>."""
+    ids: list[int] = []
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, generation_eos):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    return sorted(set(ids))
+
+
+def training_options(loaded: LoadedModel) -> dict:
+    """The options a run trained with (its ``run_config.json``), so eval and chat render as it did."""
+    for folder in (loaded.adapter, loaded.base):
+        if folder is not None and (folder / "run_config.json").is_file():
+            return json.loads((folder / "run_config.json").read_text(encoding="utf-8")).get("options", {})
+    return {}

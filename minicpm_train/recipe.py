@@ -1,0 +1,210 @@
+"""The training run, top to bottom: load the tokenizer, the data, the model; train; save.
+
+Called in-process by ``minicpm-train run`` (one device or CPU), or on every rank by the ``deepspeed``
+launcher as ``python -m minicpm_train.recipe RESOLVED.json`` (several devices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minicpm_train.args import ResolvedRun
+from minicpm_train.data import DataSummary
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """What a finished run left behind."""
+
+    output_dir: Path
+    model: Any  # the trained model (a PeftModel for LoRA / QLoRA)
+    metrics: dict[str, Any]
+    train_summary: DataSummary
+    eval_summary: DataSummary | None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_single_process_env(master_port: int | None) -> None:
+    """DeepSpeed outside its launcher looks for MPI unless these are set."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(master_port or _free_port()))):
+        os.environ.setdefault(name, value)
+
+
+def _deepspeed_config(deepspeed: str | None) -> dict | None:
+    """The DeepSpeed config a run names (a path, or inline JSON from a --config file)."""
+    if not deepspeed:
+        return None
+    return json.loads(deepspeed if deepspeed.lstrip().startswith("{") else Path(deepspeed).read_text())
+
+
+def _resume_point(value: str | None, output_dir: Path, report: Report) -> str | None:
+    if value in (None, "", "false", "False"):
+        return None
+    if value == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        latest = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        report(f"resume: {latest}" if latest else f"resume: no checkpoint in {output_dir}, starting fresh")
+        return latest
+    return value
+
+
+def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks: tuple = ()) -> RunResult:
+    """Run one training from a resolved run whose hardware decisions are already applied."""
+    options, training = run.options, dict(run.training)
+    os.environ.update(run.env)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    output_dir = Path(training["output_dir"])
+    precision = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
+    device = "cpu" if training.get("use_cpu") else f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    deepspeed = _deepspeed_config(training.get("deepspeed"))
+    if deepspeed is not None:
+        training["deepspeed"] = deepspeed
+        _deepspeed_single_process_env(run.launch.master_port)
+
+    # 1. Tokenizer: exactly as `minicpm-data stats` loads it, so training sees the ids stats showed.
+    from minicpm_data.tokenizer import load_tokenizer
+    from minicpm_train import model as models
+
+    model_config = models.read_model_config(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
+
+    tokenizer = load_tokenizer(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 2. Data: validated, rendered by the one renderer, cached; untrainable samples dropped and counted.
+    from minicpm_train.data import PackingCollator, PaddingCollator, load_supervised, pack
+
+    def load(path: str) -> tuple:
+        dataset, summary = load_supervised(path, tokenizer, template=options.template,
+                                           max_length=options.model_max_length, truncation=options.truncation,
+                                           cache_dir=options.data_cache_dir)
+        report(f"data {path}: {summary.used} samples used, {summary.dropped_no_trained_tokens} dropped "
+               f"(no trained token left), {summary.truncated} truncated, {summary.tokens} tokens "
+               f"({summary.trained_tokens} trained){' [cached]' if summary.from_cache else ''}")
+        return dataset, summary
+
+    train_set, train_summary = load(options.train_data_path)
+    eval_set, eval_summary = load(options.eval_data_path) if options.eval_data_path else (None, None)
+    if options.packing:
+        train_set = pack(train_set, options.model_max_length)
+        eval_set = pack(eval_set, options.model_max_length) if eval_set is not None else None
+        report(f"packing: {train_summary.used} samples into {len(train_set)} rows")
+    collator = (PackingCollator if options.packing else PaddingCollator)(pad_id)
+
+    # 3. Model: full, LoRA, or QLoRA (4-bit base + LoRA).
+    checkpointing = bool(training.get("gradient_checkpointing"))
+    if options.qlora:
+        if (deepspeed or {}).get("zero_optimization", {}).get("stage") == 3:
+            raise models.ModelError("QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the "
+                                    "guide's QLoRA setup) or zero2")
+        model = models.load_base_model(options, precision=precision, device=device, quantize_4bit=True)
+        model = models.prepare_4bit_for_training(model, device=device, gradient_checkpointing=checkpointing)
+        model = models.add_lora(model, options, model_config.get("model_type", ""))
+    elif options.use_lora:
+        model = models.load_base_model(options, precision=precision, device=device)
+        if checkpointing:
+            model.enable_input_require_grads()  # checkpointed frozen embeddings would otherwise cut the graph
+        model = models.add_lora(model, options, model_config.get("model_type", ""))
+    else:
+        model = models.load_base_model(options, precision=precision, device=device)
+    if options.use_lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        report(f"{'QLoRA' if options.qlora else 'LoRA'}: {trainable:,} trainable of {total:,} parameters")
+
+    # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments).
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
+    training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
+    training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
+    training.setdefault("remove_unused_columns", False)
+    if callbacks:
+        training.setdefault("disable_tqdm", True)  # the caller's progress display replaces tqdm
+    if eval_set is None:
+        training["eval_strategy"] = "no"
+    args = TrainingArguments(**training)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+    if callbacks:
+        trainer.remove_callback(PrinterCallback)
+
+    # 5. Train; evaluate at the end (never before train(): DeepSpeed cannot evaluate an untrained engine).
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(train_output.metrics)
+    if eval_set is not None:
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        at_end = last is not None and last["step"] == trainer.state.global_step
+        metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if at_end else trainer.evaluate())
+
+    # 6. Save: weights (adapter or full model), tokenizer with its chat template, what was run, what was seen.
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+        _write_outputs(output_dir, run, args.to_sanitized_dict(), metrics, train_summary, eval_summary,
+                       trainer.state.log_history)
+    return RunResult(output_dir, trainer.model, metrics, train_summary, eval_summary, trainer.state.log_history)
+
+
+def _write_outputs(output_dir: Path, run: ResolvedRun, training_arguments: dict, metrics: dict,
+                   train_summary: DataSummary, eval_summary: DataSummary | None, log_history: list[dict]) -> None:
+    resolved = {**run.to_dict(), "notices": run.notices, "training_arguments": training_arguments}
+    (output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False) + "\n")
+    summary = {"train": train_summary.to_dict(), "eval": eval_summary.to_dict() if eval_summary else None}
+    (output_dir / "data_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (output_dir / "metrics.json").write_text(json.dumps({"final": metrics, "log_history": log_history}, indent=2) + "\n")
+    plot_loss_curve(log_history, output_dir / "loss_curve.png")
+
+
+def plot_loss_curve(log_history: list[dict], target: Path) -> None:
+    """Train and eval loss against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axes.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("loss")
+    if axes.lines:
+        axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry for each rank under the ``deepspeed`` launcher: ``python -m minicpm_train.recipe RESOLVED.json``."""
+    from minicpm_train.callbacks import ProgressCallback
+
+    argv = sys.argv[1:] if argv is None else argv
+    run = ResolvedRun.from_dict(json.loads(Path(argv[0]).read_text()))
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    report = print if rank_zero else (lambda message: None)
+    train(run, report=report, callbacks=(ProgressCallback(),) if rank_zero else ())
+
+
+if __name__ == "__main__":
+    main()

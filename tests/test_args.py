@@ -1,0 +1,174 @@
+"""The training command line: guide flags, legacy names, --config, --script, DeepSpeed presets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from minicpm_train.args import (PRESET_DIR, ArgumentError, parse_run_args, read_guide_script,
+                                resolve_deepspeed, resolve_script)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+GUIDE_SCRIPT = FIXTURES / "scripts" / "lora_finetune_ocnli.sh"
+REQUIRED = ["--model_name_or_path", "m", "--output_dir", "out", "--train_data_path", "t.json"]
+
+# Every flag of the guide's lora_finetune_ocnli.sh, as it writes them.
+GUIDE_FLAGS = [
+    "--model_name_or_path", "MiniCPM-2B-sft-bf16", "--output_dir", "output/OCNLILoRA/x/",
+    "--train_data_path", "data/train.json", "--eval_data_path", "data/dev.json", "--learning_rate", "5e-5",
+    "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "128", "--model_max_length", "128",
+    "--bf16", "--use_lora", "--qlora", "--gradient_accumulation_steps", "1", "--warmup_steps", "100",
+    "--max_steps", "1000", "--weight_decay", "0.01", "--evaluation_strategy", "steps", "--eval_steps", "500",
+    "--save_strategy", "steps", "--save_steps", "500", "--seed", "42", "--log_level", "info",
+    "--logging_strategy", "steps", "--logging_steps", "10", "--deepspeed", "configs/ds_config_zero2_offload.json",
+]
+
+
+def test_every_guide_flag_parses():
+    run = parse_run_args(GUIDE_FLAGS)
+    assert run.options.model_name_or_path == "MiniCPM-2B-sft-bf16"
+    assert run.options.eval_data_path == "data/dev.json"
+    assert (run.options.model_max_length, run.options.use_lora, run.options.qlora) == (128, True, True)
+    t = run.training
+    assert t["learning_rate"] == 5e-5 and t["bf16"] is True and t["max_steps"] == 1000
+    assert t["per_device_train_batch_size"] == 16 and t["per_device_eval_batch_size"] == 128
+    assert t["eval_strategy"] == "steps" and t["eval_steps"] == 500 and t["save_steps"] == 500
+    assert t["seed"] == 42 and t["log_level"] == "info" and t["logging_steps"] == 10
+    assert t["weight_decay"] == 0.01 and t["warmup_steps"] == 100
+    assert t["deepspeed"] == str(PRESET_DIR / "zero2_offload.json")
+    assert "evaluation_strategy" not in t
+
+
+def test_legacy_name_maps_with_one_notice():
+    run = parse_run_args(REQUIRED + ["--evaluation-strategy=steps", "--group_by_length"])
+    assert run.training["eval_strategy"] == "steps"
+    assert run.training["train_sampling_strategy"] == "group_by_length"
+    assert sum("--evaluation_strategy is the old name of --eval_strategy" in n for n in run.notices) == 1
+
+
+def test_any_training_arguments_flag_works():
+    run = parse_run_args(REQUIRED + ["--lr_scheduler_type", "cosine", "--max_grad_norm", "0.5",
+                                     "--gradient_checkpointing", "--dataloader_num_workers", "2"])
+    assert run.training["lr_scheduler_type"] == "cosine"
+    assert run.training["max_grad_norm"] == 0.5 and run.training["gradient_checkpointing"] is True
+
+
+def test_unknown_flag_names_the_closest():
+    with pytest.raises(ArgumentError, match="did you mean --learning_rate"):
+        parse_run_args(REQUIRED + ["--learning_rat", "1e-4"])
+
+
+def test_missing_required_flags_listed():
+    with pytest.raises(ArgumentError, match="--model_name_or_path, --train_data_path, --output_dir"):
+        parse_run_args(["--bf16"])
+
+
+def test_qlora_implies_lora_with_guide_defaults():
+    run = parse_run_args(REQUIRED + ["--qlora"])
+    o = run.options
+    assert (o.use_lora, o.lora_r, o.lora_alpha, o.lora_dropout, o.lora_target) == (True, 64, 32, 0.1, None)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_with_flags_overriding(tmp_path, suffix):
+    values = {"model_name_or_path": "m", "output_dir": "out", "train_data_path": "t.json", "learning_rate": 1e-4,
+              "use_lora": True, "evaluation_strategy": "steps", "report_to": ["none"], "lora_r": 8}
+    config = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        config.write_text(json.dumps(values))
+    else:
+        import yaml
+
+        config.write_text(yaml.safe_dump(values))
+    run = parse_run_args(["--config", str(config), "--learning_rate", "3e-4"])
+    assert run.training["learning_rate"] == 3e-4  # the flag wins
+    assert run.options.use_lora is True and run.options.lora_r == 8
+    assert run.training["eval_strategy"] == "steps"
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ArgumentError, match="config file not found"):
+        parse_run_args(["--config", str(tmp_path / "none.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ArgumentError, match="expected a mapping"):
+        parse_run_args(["--config", str(bad)])
+
+
+def test_deepspeed_presets_and_guide_paths(tmp_path):
+    notices: list[str] = []
+    for name in ("zero2", "zero2_offload", "zero3", "zero3_offload"):
+        path = Path(resolve_deepspeed(name, notices))
+        config = json.loads(path.read_text())
+        assert config["zero_optimization"]["stage"] == int(name[4])
+        assert ("offload_optimizer" in config["zero_optimization"]) == name.endswith("offload")
+        assert config["train_micro_batch_size_per_gpu"] == "auto"
+    assert notices == []
+    assert resolve_deepspeed("configs/ds_config_zero3.json", notices) == str(PRESET_DIR / "zero3.json")
+    assert "does not exist here; using the shipped preset 'zero3'" in notices[0]
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert resolve_deepspeed(str(own), notices) == str(own)
+    with pytest.raises(ArgumentError, match="not a preset"):
+        resolve_deepspeed("configs/other.json", notices)
+
+
+def test_guide_script_with_comments_after_backslashes():
+    before = time.strftime("%Y%m%d%H%M%S")
+    script = read_guide_script(GUIDE_SCRIPT, known_flags={"use_lora", "qlora"})
+    assert script.launcher == "deepspeed" and script.program == "finetune.py"
+    assert script.launcher_argv == ["--include", "localhost:1", "--master_port", "19888"]
+    assert script.env == {"NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1"}
+    flags = script.argv
+    output_dir = flags[flags.index("--output_dir") + 1]
+    stamp = output_dir.split("/")[2]
+    assert output_dir.startswith("output/OCNLILoRA/") and len(stamp) == 14 and before <= stamp
+    assert "--use_lora" in flags and "--qlora" in flags
+    assert flags[-2:] == ["--deepspeed", "configs/ds_config_zero2_offload.json"]  # the last line survived
+    assert not any(token.startswith("#") for token in flags)
+    assert any("comment after '\\' ends the command in bash" in n for n in script.notices)
+
+
+def test_script_resolves_like_flags_and_extra_flags_override():
+    script, run = resolve_script(GUIDE_SCRIPT, ["--max_steps", "5"])
+    assert run.launch.include == "localhost:1" and run.launch.master_port == 19888
+    assert run.env["NCCL_P2P_DISABLE"] == "1"
+    assert run.training["max_steps"] == 5 and run.training["eval_strategy"] == "steps"
+    assert run.options.use_lora and run.options.qlora and run.options.model_max_length == 128
+    assert run.training["deepspeed"] == str(PRESET_DIR / "zero2_offload.json")
+    assert any("'use_lora' has no leading '--'" in n for n in run.notices)
+
+
+def test_script_variables_and_plain_python(tmp_path):
+    script = tmp_path / "sft.sh"
+    script.write_text('MODEL=/models/MiniCPM4-0.5B\nOUT="runs/$(date +%Y)"\n'
+                      'python finetune.py --model_name_or_path $MODEL --output_dir ${OUT}/a '
+                      '--train_data_path t.json --bf16\n')
+    parsed = read_guide_script(script)
+    assert parsed.launcher == "python" and parsed.launcher_argv == []
+    assert parsed.argv[:4] == ["--model_name_or_path", "/models/MiniCPM4-0.5B", "--output_dir",
+                               f"runs/{time.strftime('%Y')}/a"]
+    empty = tmp_path / "empty.sh"
+    empty.write_text("echo hi\n")
+    with pytest.raises(ArgumentError, match="no training command"):
+        read_guide_script(empty)
+
+
+def test_deepspeed_cannot_evaluate_before_training():
+    with pytest.raises(ArgumentError, match="DeepSpeed cannot evaluate before training"):
+        parse_run_args(REQUIRED + ["--deepspeed", "zero2", "--eval_on_start"])
+
+
+def test_bad_value_is_one_line_error():
+    with pytest.raises(ArgumentError, match="--learning_rate.*invalid float value: 'fast'"):
+        parse_run_args(REQUIRED + ["--learning_rate", "fast"])
+
+
+def test_plan_needs_only_the_model():
+    run = parse_run_args(["--model_name_or_path", "m", "--use_lora"], require_data=False)
+    assert run.options.use_lora and run.options.train_data_path is None
+    with pytest.raises(ArgumentError, match="missing required flag: --model_name_or_path"):
+        parse_run_args(["--use_lora"], require_data=False)

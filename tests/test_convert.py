@@ -1,0 +1,147 @@
+"""convert: nothing lost (read = written + rejected), every reject reason, dedupe, paths, formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minicpm_data.convert import ConvertOptions, convert_files
+from minicpm_data.errors import InputError
+from minicpm_data.sources import REJECT_REASONS
+from minicpm_data.validate import validate_file
+
+# Fixture, options: together these produce every reject reason.
+RUNS = [
+    ("sharegpt.json", ConvertOptions()),
+    ("alpaca.json", ConvertOptions()),
+    ("ocnli.json", ConvertOptions()),
+    ("messages.jsonl", ConvertOptions(dedupe=True)),
+    ("sharegpt.json", ConvertOptions(repair=False)),
+]
+
+
+def _rejects(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("name, options", RUNS)
+def test_nothing_is_lost(fixtures_dir, tmp_path, name, options):
+    source = fixtures_dir / "raw" / name
+    summary = convert_files([source], tmp_path / "out.json", options=options)
+    rejects = _rejects(tmp_path / "out.rejects.jsonl")
+    written = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert summary.read == summary.written + summary.rejected
+    assert (len(written), len(rejects)) == (summary.written, summary.rejected)
+    assert sum(summary.rejects.values()) == summary.rejected
+    assert validate_file(tmp_path / "out.json") == []
+    originals = json.loads(source.read_text()) if name.endswith("sharegpt.json") else None
+    for reject in rejects:
+        assert set(reject) == {"file", "index", "line", "reason", "detail", "record"}
+        assert reject["file"] == str(source) and reject["reason"] in REJECT_REASONS
+        if originals is not None:
+            assert reject["record"] == originals[reject["index"]]
+
+
+def test_every_reject_reason_is_produced(fixtures_dir, tmp_path):
+    seen = set()
+    for number, (name, options) in enumerate(RUNS):
+        seen |= set(convert_files([fixtures_dir / "raw" / name], tmp_path / f"{number}.jsonl", options=options).rejects)
+    assert seen == set(REJECT_REASONS)
+
+
+def test_rejects_carry_jsonl_line_numbers(fixtures_dir, tmp_path):
+    convert_files([fixtures_dir / "raw" / "ocnli.json"], tmp_path / "out.jsonl")
+    assert [(r["index"], r["line"], r["reason"]) for r in _rejects(tmp_path / "out.rejects.jsonl")] == [
+        (3, 4, "no consensus label"), (4, 5, "no label"), (5, 6, "unknown label")]
+
+
+def test_repairs_are_counted_by_kind(fixtures_dir, tmp_path):
+    summary = convert_files([fixtures_dir / "raw" / "sharegpt.json"], tmp_path / "out.json")
+    assert summary.repairs == {"merge same-role turns": 2, "strip whitespace": 1, "drop leading assistant turn": 1,
+                               "drop trailing user turn": 1, "drop empty turns": 1}
+    no_repair = convert_files([fixtures_dir / "raw" / "sharegpt.json"], tmp_path / "strict.json",
+                              options=ConvertOptions(repair=False))
+    assert no_repair.rejects["needs repair"] == 6 and not no_repair.repairs  # records 4-8 and 16
+
+
+def test_dedupe_writes_duplicates_to_rejects(fixtures_dir, tmp_path):
+    summary = convert_files([fixtures_dir / "raw" / "messages.jsonl"], tmp_path / "out.jsonl",
+                            options=ConvertOptions(dedupe=True))
+    duplicates = [r for r in _rejects(tmp_path / "out.rejects.jsonl") if r["reason"] == "duplicate"]
+    assert summary.rejects["duplicate"] == 1 and duplicates[0]["index"] == 5
+    assert duplicates[0]["detail"].endswith("messages.jsonl record 4")
+
+
+def test_multiple_inputs_and_default_system(fixtures_dir, tmp_path):
+    raw = fixtures_dir / "raw"
+    summary = convert_files([raw / "alpaca.json", raw / "sharegpt_gbk.jsonl"], tmp_path / "out.jsonl",
+                            options=ConvertOptions(system="Be helpful."))
+    assert [(f.format, f.detected, f.read) for f in summary.files] == [("alpaca", True, 9), ("sharegpt", True, 2)]
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    systems = [r["messages"][0]["content"] for r in records]
+    assert systems.count("You translate.") == 1 and systems.count("Be helpful.") == len(records) - 1
+    assert "你好，请介绍一下北京。" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")  # not ASCII-escaped
+
+
+def test_table_sources_need_their_columns(fixtures_dir, tmp_path):
+    options = ConvertOptions(source="csv", user_col="question", assistant_col="answer", system_col="persona")
+    for name in ("table.csv", "table.tsv", "table_gb18030.csv", "table.parquet"):
+        summary = convert_files([fixtures_dir / "raw" / name], tmp_path / "out.json", options=options)
+        assert (summary.read, summary.written) == (4, 4)
+    from minicpm_data.errors import FormatError
+
+    with pytest.raises(FormatError, match=r"table.csv: missing column 'Q'"):
+        convert_files([fixtures_dir / "raw" / "table.csv"], tmp_path / "out.json",
+                      options=ConvertOptions(source="csv", user_col="Q", assistant_col="answer"))
+
+
+def test_output_may_not_overwrite_an_input(fixtures_dir, tmp_path):
+    source = tmp_path / "data.json"
+    source.write_bytes((fixtures_dir / "raw" / "alpaca.json").read_bytes())
+    with pytest.raises(InputError, match="the output is also an input"):
+        convert_files([source], source)
+    with pytest.raises(InputError, match="the rejects file is also an input"):
+        convert_files([source], tmp_path / "out.json", rejects_path=source)
+    assert source.read_bytes() == (fixtures_dir / "raw" / "alpaca.json").read_bytes()
+
+
+def test_a_failed_run_leaves_no_output(fixtures_dir, tmp_path):
+    with pytest.raises(InputError, match="broken.json:3"):
+        convert_files([fixtures_dir / "raw" / "alpaca.json", fixtures_dir / "raw" / "broken.json"],
+                      tmp_path / "out.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_format_by_extension_or_flag(fixtures_dir, tmp_path):
+    convert_files([fixtures_dir / "raw" / "alpaca.json"], tmp_path / "out.data", fmt="jsonl")
+    lines = (tmp_path / "out.data").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 6 and all(json.loads(line)["messages"] for line in lines)
+    with pytest.raises(InputError, match="cannot tell the output format"):
+        convert_files([fixtures_dir / "raw" / "alpaca.json"], tmp_path / "out.txt")
+
+
+def test_worker_processes_give_the_same_files(fixtures_dir, tmp_path, monkeypatch):
+    import minicpm_data.convert
+
+    monkeypatch.setattr(minicpm_data.convert, "_BATCH_BYTES", 10_000)  # many batches, several in flight
+    source = tmp_path / "many.jsonl"
+    lines = (fixtures_dir / "raw" / "messages.jsonl").read_text(encoding="utf-8")
+    source.write_text(lines * 400, encoding="utf-8")  # 2,400 records: several batches
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.jsonl"
+        summary = convert_files([source], out, options=ConvertOptions(workers=workers, dedupe=True))
+        runs[workers] = (summary.to_dict() | {"output": None, "rejects_file": None},
+                         out.read_bytes(), (tmp_path / f"out{workers}.rejects.jsonl").read_bytes())
+    assert runs[1] == runs[2]
+    assert runs[2][0]["written"] == 3 and runs[2][0]["rejects"]["duplicate"] == 2400 - 3 - 800
+
+
+def test_worker_processes_report_broken_lines(tmp_path):
+    source = tmp_path / "broken.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    source.write_text(f"{good}\n" * 3000 + "{broken\n", encoding="utf-8")
+    with pytest.raises(InputError, match="broken.jsonl:3001: invalid JSON"):
+        convert_files([source], tmp_path / "out.jsonl", options=ConvertOptions(workers=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl"]

@@ -1,0 +1,66 @@
+"""minicpm-data inspect: the rendered sample, trained spans highlighted, per-turn token counts."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+from test_data_cli import run_cli
+
+from minicpm_data.io import read_conversations
+from minicpm_data.render import render
+from minicpm_data.report import CUT_STYLE, TRAINED_STYLE, inspect_view
+from minicpm_data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def lengths_file(fixtures_dir):
+    return fixtures_dir / "chat" / "lengths.json"
+
+
+def _styled_text(view, style):
+    """The characters of the view's sample text that carry ``style``."""
+    text = view.renderables[2]
+    return "".join(text.plain[span.start:span.end] for span in text.spans if span.style == style)
+
+
+def test_trained_spans_are_the_answers_and_their_ends(fixtures_dir, lengths_file):
+    tokenizer = load_tokenizer(str(fixtures_dir / "tokenizers" / "chatml"))
+    index, conversation = list(read_conversations(lengths_file))[3]
+    sample = render(conversation, tokenizer)
+    view = inspect_view(index, conversation, sample, tokenizer)
+    assert view.renderables[2].plain == tokenizer.decode(sample.input_ids)
+    answers = [m.content for m in conversation.messages if m.role == "assistant"]
+    assert _styled_text(view, TRAINED_STYLE) == "".join(answer + "<|im_end|>" for answer in answers)
+    turns = view.renderables[0]
+    assert [cell for cell in turns.columns[1].cells] == ["user", "assistant", "user", "assistant"]
+    counts = [int(cell.replace(",", "")) for cell in turns.columns[2].cells]
+    trained = [int(cell.replace(",", "")) for cell in turns.columns[3].cells]
+    assert sum(counts) == sample.num_tokens and sum(trained) == sample.trained_tokens
+    assert trained[0] == trained[2] == 0 and trained[1] > 0 and trained[3] > 0
+
+
+def test_truncated_part_is_struck(fixtures_dir, lengths_file):
+    tokenizer = load_tokenizer(str(fixtures_dir / "tokenizers" / "chatml"))
+    index, conversation = list(read_conversations(lengths_file))[3]
+    full = render(conversation, tokenizer)
+    cut = render(conversation, tokenizer, max_length=full.num_tokens - 5)
+    view = inspect_view(index, conversation, full, tokenizer, cut)
+    assert _styled_text(view, CUT_STYLE) == tokenizer.decode(full.input_ids[-5:])
+    assert f"{cut.trained_tokens_lost} trained tokens cut" in view.renderables[0].title
+
+
+def test_cli_shows_several_samples(capsys, fixtures_dir, lengths_file):
+    code, out, err = run_cli(capsys, "inspect", lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "minicpm2",
+                             "--index", 1, "-n", 2)
+    assert code == 0, err
+    assert "layout minicpm2" in out and "sample 1:" in out and "sample 2:" in out and "sample 3:" not in out
+    assert "<用户>你好，世界！今天天气很好。<AI>" in out and "</s>" in out
+
+
+def test_cli_real_tokenizer_and_missing_record(capsys, shared_dir, lengths_file):
+    folder = shared_dir / "tokenizers" / "minicpm3"
+    code, out, err = run_cli(capsys, "inspect", lengths_file, "--tokenizer", folder, "--model-max-length", 20)
+    assert code == 0, err
+    assert "sample 0:" in out and "<|im_start|>" in out
+    code, out, err = run_cli(capsys, "inspect", lengths_file, "--tokenizer", folder, "--index", 99)
+    assert code == 1 and "has no record 99" in err

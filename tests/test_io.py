@@ -1,0 +1,136 @@
+"""Reading raw files in every layout and encoding; atomic writes; errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minicpm_data.errors import InputError
+from minicpm_data.io import detect_encoding, iter_raw_records, read_conversations, record_writer, write_records
+
+CHINESE_TURN = "你好，请介绍一下北京。"
+
+
+def _data(path, **kwargs):
+    return [record.data for record in iter_raw_records(path, **kwargs)]
+
+
+@pytest.mark.parametrize("name, encoding", [
+    ("sharegpt_gbk.jsonl", "gb18030"),
+    ("alpaca_bom.json", "utf-8-sig"),
+    ("alpaca_utf16.json", "utf-16"),
+    ("sharegpt_crlf.jsonl", "utf-8"),
+    ("table_gb18030.csv", "gb18030"),
+])
+def test_encodings_are_detected(fixtures_dir, name, encoding):
+    assert detect_encoding(fixtures_dir / "raw" / name) == encoding
+
+
+def test_gbk_and_crlf_jsonl_read_the_same_text(fixtures_dir):
+    gbk = _data(fixtures_dir / "raw" / "sharegpt_gbk.jsonl")
+    crlf = _data(fixtures_dir / "raw" / "sharegpt_crlf.jsonl")
+    assert gbk == crlf
+    assert gbk[0]["conversations"][0]["value"] == CHINESE_TURN
+
+
+def test_bom_and_utf16_json_lists(fixtures_dir):
+    expected = [{"instruction": "把句子翻译成英文", "input": "我爱你", "output": "I love you"}]
+    assert _data(fixtures_dir / "raw" / "alpaca_bom.json") == expected
+    assert _data(fixtures_dir / "raw" / "alpaca_utf16.json") == expected
+
+
+def test_explicit_encoding_overrides_detection(fixtures_dir):
+    records = _data(fixtures_dir / "raw" / "sharegpt_gbk.jsonl", encoding="gbk")
+    assert records[0]["conversations"][0]["value"] == CHINESE_TURN
+
+
+def test_single_object_and_json_lines_named_json(fixtures_dir):
+    single = list(iter_raw_records(fixtures_dir / "raw" / "single_object.json"))
+    assert [(r.index, r.line) for r in single] == [(0, None)]
+    assert single[0].data["conversations"][0]["value"] == CHINESE_TURN
+    lines = list(iter_raw_records(fixtures_dir / "raw" / "lines_named.json"))
+    assert [(r.index, r.line) for r in lines] == [(0, 1), (1, 2)]
+
+
+def test_csv_quoted_multiline_crlf_and_line_numbers(fixtures_dir):
+    rows = list(iter_raw_records(fixtures_dir / "raw" / "table.csv"))
+    assert [r.line for r in rows] == [2, 3, 5, 6]  # the second row spans lines 3-4
+    assert rows[1].data["answer"] == "Line one,\nline two"
+    assert rows[2].data["question"] == 'Say "quoted"'
+    tsv = [r.data for r in iter_raw_records(fixtures_dir / "raw" / "table.tsv")]
+    gb = [r.data for r in iter_raw_records(fixtures_dir / "raw" / "table_gb18030.csv")]
+    assert tsv == gb == [r.data for r in rows]
+
+
+def test_parquet_rows(fixtures_dir):
+    rows = _data(fixtures_dir / "raw" / "table.parquet")
+    assert rows == _data(fixtures_dir / "raw" / "table.csv")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("broken.json", "broken.json:3: invalid JSON"),
+    ("broken_utf8.jsonl", "broken_utf8.jsonl:2: bytes are neither UTF-8 nor GB18030"),
+])
+def test_broken_files_name_the_line(fixtures_dir, name, message):
+    with pytest.raises(InputError, match=message):
+        _data(fixtures_dir / "raw" / name)
+
+
+def test_bad_bytes_after_the_sniffed_head_name_their_line(tmp_path):
+    path = tmp_path / "late.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "x" * 1000}]}) + "\n"
+    path.write_bytes(good.encode() * 100 + b'{"messages": "\xff"}\n')
+    with pytest.raises(InputError, match=r"late.jsonl:101: bytes cannot be decoded as utf-8"):
+        _data(path)
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    (tmp_path / "data.xml").write_text("<x/>")
+    with pytest.raises(InputError, match="unsupported file type .xml"):
+        iter_raw_records(tmp_path / "data.xml")
+    with pytest.raises(InputError, match="no such file"):
+        iter_raw_records(tmp_path / "absent.json")
+
+
+def test_writes_json_list_and_jsonl_unescaped(tmp_path):
+    records = [{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"}]}] * 2
+    write_records(tmp_path / "out.json", records)
+    write_records(tmp_path / "out.jsonl", records)
+    text = (tmp_path / "out.json").read_text(encoding="utf-8")
+    assert "你好" in text and json.loads(text) == records
+    lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == records
+    write_records(tmp_path / "empty.json", [])
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
+
+
+def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.write_text("previous contents\n")
+
+    def records():
+        yield {"messages": []}
+        raise KeyboardInterrupt  # the user pressed Ctrl-C mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        write_records(target, records())
+    assert target.read_text() == "previous contents\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_writer_output_is_readable_by_others(tmp_path):
+    with record_writer(tmp_path / "out.jsonl") as writer:
+        writer.write({"messages": []})
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o044  # not the temporary file's private 0600
+
+
+def test_read_conversations_from_list_and_lines(tmp_path):
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    write_records(tmp_path / "a.json", [record, record])
+    write_records(tmp_path / "a.jsonl", [record])
+    assert [(i, c.to_record()) for i, c in read_conversations(tmp_path / "a.json")] == [(0, record), (1, record)]
+    assert [c.to_record() for _, c in read_conversations(tmp_path / "a.jsonl")] == [record]
+    write_records(tmp_path / "bad.jsonl", [record, {"conversations": []}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: record 1 is not a messages record"):
+        list(read_conversations(tmp_path / "bad.jsonl"))

@@ -1,0 +1,255 @@
+"""minicpm-train plan: parameter counts from config dims, memory formulas against hand-computed cases,
+DeepSpeed's own estimator, OpenBMB's published figure, verdicts, suggestions, and the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from minicpm_train.model_sizes import Architecture, ModelSizeError, resolve_architecture
+from minicpm_train.plan import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    MIB,
+    DeepSpeedSetup,
+    PlanError,
+    PlanSettings,
+    estimate,
+    make_plan,
+    plan_from_argv,
+)
+from minicpm_train.launch import Device
+
+# A small Llama-type model whose numbers are worked out by hand below.
+SMALL = dict(model_type="llama", vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False)
+# embedding 100*64 = 6400; per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12288, MLP 3*64*128 = 24576,
+# norms 2*64 = 128 -> 36992; 2 layers 73984; final norm 64; untied lm_head 6400.
+SMALL_PARAMS = 6400 + 73984 + 64 + 6400
+ZERO2 = DeepSpeedSetup("zero2", 2, overlap_comm=True, reduce_bucket_size=2e8, allgather_bucket_size=2e8)
+
+
+def small() -> Architecture:
+    return Architecture.from_config(SMALL, "small")
+
+
+def test_parameter_count_by_hand():
+    counts = small().parameters()
+    assert counts.total == SMALL_PARAMS == 86848
+    assert counts.linear == 2 * (12288 + 24576)
+    assert counts.largest_layer == 64 * 128  # an MLP projection outweighs the 100 x 64 embedding
+
+
+@pytest.mark.parametrize("kind", ["llama", "minicpm3"])
+def test_parameter_count_equals_transformers_model(kind):
+    """The formula counts exactly what transformers instantiates (GQA for Llama, MLA for MiniCPM3)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MiniCPM3Config
+
+    if kind == "llama":
+        config = LlamaConfig(**{k: v for k, v in SMALL.items() if k != "model_type"})
+    else:
+        config = MiniCPM3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    expected = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter
+    assert Architecture.from_config(config.to_dict(), kind).parameters().total == expected
+
+
+def test_known_minicpm_sizes():
+    expected_billions = {"MiniCPM-2B-sft-bf16": 2.72, "openbmb/MiniCPM-1B-sft-bf16": 1.36, "MiniCPM3-4B": 4.07,
+                         "MiniCPM4-0.5B": 0.43, "openbmb/MiniCPM4-8B": 8.19}
+    for name, billions in expected_billions.items():
+        arch, source = resolve_architecture(name)
+        assert source.startswith("known config"), name
+        assert arch.parameters().total / 1e9 == pytest.approx(billions, abs=0.006), name
+    assert resolve_architecture("MiniCPM3-4B")[0].latent_attention
+
+
+def test_folder_config_is_read(shared_dir):
+    arch, source = resolve_architecture(str(shared_dir / "tokenizers" / "minicpm4"))
+    assert source.endswith("config.json")
+    assert arch.num_kv_heads == 2 and not arch.tie_word_embeddings
+    assert arch.parameters().total == resolve_architecture("MiniCPM4-8B")[0].parameters().total
+
+
+def test_unknown_model_is_one_line_error(tmp_path):
+    with pytest.raises(ModelSizeError, match="not a local model folder nor a known MiniCPM"):
+        resolve_architecture("MiniCPM-99B")
+    with pytest.raises(ModelSizeError, match="has no config.json"):
+        resolve_architecture(str(tmp_path))
+
+
+def test_full_plain_by_hand():
+    settings = PlanSettings("full", micro_batch=2, max_length=8, precision="bf16")
+    e = estimate(small(), settings)
+    p = SMALL_PARAMS
+    assert (e.weights, e.trainable_weights, e.gradients, e.optimizer) == (0, 6 * p, 4 * p, 8 * p)
+    # per token per layer: 4h + q + o (2*64) + k + v (2*32) + 4i = 256 + 128 + 64 + 512 = 960 elements;
+    # 2 layers + final norm 2h: 2048 elements * 2 bytes * 16 tokens; logits 16 * 100 * (2 + 4 + 4)
+    assert e.activations == 2048 * 2 * 16 + 16 * 100 * 10
+    assert e.total == 18 * p + 81536 + CUDA_CONTEXT_BYTES
+    checkpointed = estimate(small(), PlanSettings("full", micro_batch=2, max_length=8, gradient_checkpointing=True))
+    # kept: layer inputs L*h = 128 and the final norm 128; then the larger of one recomputed layer
+    # (960 * 2 bytes * 16 tokens = 30720) and the logits (16000)
+    assert checkpointed.activations == (128 + 128) * 2 * 16 + 30720
+
+
+def test_activations_match_what_autograd_saves():
+    """Without checkpointing, the per-layer formula is within 10% of the bytes autograd really keeps
+    (fp32, SDPA attention, the model's own loss)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dims = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=640, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**dims), dtype=torch.float32, attn_implementation="sdpa")
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    arch = Architecture.from_config({**dims, "model_type": "llama"}, "measured")
+    estimated = estimate(arch, PlanSettings("full", micro_batch=2, max_length=128, precision="fp32")).activations
+    assert estimated == pytest.approx(sum(saved.values()), rel=0.10)
+
+
+def test_lora_and_qlora_by_hand():
+    lora = estimate(small(), PlanSettings("lora", micro_batch=1, max_length=4, lora_r=4, lora_targets=("q_proj", "v_proj")))
+    t = 2 * 4 * ((64 + 64) + (64 + 32))  # 2 layers x r x (in + out) of q_proj and v_proj = 1792
+    assert lora.trainable == t
+    assert lora.weights == 2 * (SMALL_PARAMS - t)  # frozen base in bf16
+    assert (lora.trainable_weights, lora.gradients, lora.optimizer) == (6 * t, 4 * t, 8 * t)
+    qlora = estimate(small(), PlanSettings("qlora", micro_batch=1, max_length=4, lora_r=4,
+                                           lora_targets=("q_proj", "v_proj")))
+    linear = 2 * (12288 + 24576)
+    # nf4 + double quantisation: 4.127 bits per linear weight; embedding, lm_head, norms in fp32
+    assert qlora.weights == int(linear * (4 + 8 / 64 + 32 / 16384) / 8) + 4 * (SMALL_PARAMS - t - linear)
+
+
+def test_zero2_by_hand_and_against_deepspeed_estimator():
+    p, gpus = SMALL_PARAMS, 2
+    e = estimate(small(), PlanSettings("full", micro_batch=1, max_length=4, deepspeed=ZERO2, num_gpus=gpus))
+    assert (e.trainable_weights, e.gradients, e.optimizer) == (2 * p, p, 8 * p)
+    assert e.buffers == int(2 * (p + p) * 4.5)  # buckets capped at the trainable count, x4.5 with overlap_comm
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    arch = resolve_architecture("MiniCPM-2B")[0]
+    total = arch.parameters().total
+    for gpus in (1, 4):
+        ours = estimate(arch, PlanSettings("full", deepspeed=ZERO2, num_gpus=gpus))
+        _, theirs = estimate_zero2_model_states_mem_needs(total, gpus, cpu_offload=False)
+        assert ours.trainable_weights + ours.gradients + ours.optimizer == pytest.approx(theirs, abs=8)
+        offload = DeepSpeedSetup("zero2_offload", 2, offload_optimizer=True)
+        ours = estimate(arch, PlanSettings("full", deepspeed=offload, num_gpus=gpus))
+        assert ours.trainable_weights + ours.gradients + ours.optimizer == \
+            estimate_zero2_model_states_mem_needs(total, gpus, cpu_offload=True)[1]
+    largest = arch.parameters().largest_layer
+    for offload_param in (False, True):
+        setup = DeepSpeedSetup("zero3", 3, offload_optimizer=True, offload_param=offload_param)
+        ours = estimate(arch, PlanSettings("full", deepspeed=setup, num_gpus=4))
+        _, theirs, _ = estimate_zero3_model_states_mem_needs(total, largest, 4, cpu_offload=True,
+                                                             cpu_offload_params=offload_param)
+        assert ours.weights + ours.trainable_weights + ours.gradients + ours.optimizer == pytest.approx(theirs, abs=8)
+        assert ours.cpu_offload > 0
+
+
+def test_close_to_openbmb_published_full_sft():
+    """sft_finetune.sh: MiniCPM-2B, batch 14, length 512, ZeRO-2, 4 GPUs: 30,245 MiB per GPU."""
+    from minicpm_train.plan import _zero
+
+    settings = PlanSettings("full", micro_batch=14, max_length=512, gradient_accumulation=2,
+                            gradient_checkpointing=True, deepspeed=_zero("zero2"), num_gpus=4)
+    total_mib = make_plan("MiniCPM-2B-sft-bf16", settings).estimate.total / MIB
+    assert total_mib == pytest.approx(30245, rel=0.10)
+
+
+def test_verdicts_and_suggestions():
+    settings = PlanSettings("full", micro_batch=8, max_length=512)
+    big = make_plan("MiniCPM-2B", settings, gpu_memory_gib=80)
+    assert big.verdict == "fits" and big.suggestions == []
+    total_gib = big.estimate.total / GIB
+    assert make_plan("MiniCPM-2B", settings, gpu_memory_gib=total_gib * 1.05).verdict == "tight"
+    small_gpu = make_plan("MiniCPM-2B", settings, gpu_memory_gib=24)
+    assert small_gpu.verdict == "does not fit"
+    changes = [s.change for s in small_gpu.suggestions]
+    assert all(s.fits and s.total <= 24 * GIB for s in small_gpu.suggestions)
+    assert any("zero3_offload" in c for c in changes) and any("QLoRA" in c for c in changes)
+    # Nothing fits alone on 8 GB: a combination is offered, and it fits.
+    tiny_gpu = make_plan("MiniCPM-2B", settings, gpu_memory_gib=8)
+    assert len(tiny_gpu.suggestions) == 1 and " + " in tiny_gpu.suggestions[0].change
+    assert tiny_gpu.suggestions[0].fits
+    assert make_plan("MiniCPM-2B", settings).verdict == "unknown"
+
+
+def test_qlora_with_zero3_is_refused():
+    with pytest.raises(PlanError, match="ZeRO-3"):
+        estimate(small(), PlanSettings("qlora", lora_targets=("q_proj",), deepspeed=DeepSpeedSetup("zero3", 3)))
+
+
+def test_run_flags_config_and_gpus(tmp_path):
+    """plan reads run's flags and --config; --num_gpus / --include set the GPU count; detected GPUs judge."""
+    flags = ["--model_name_or_path", "MiniCPM-2B-sft-bf16", "--bf16", "--use_lora",
+             "--per_device_train_batch_size", "4", "--model_max_length", "384",
+             "--deepspeed", "ds_config_zero3_offload.json"]
+    by_flags = plan_from_argv(flags + ["--num_gpus", "2"], gpu_memory_gib=24, devices=[])
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: MiniCPM-2B-sft-bf16\nbf16: true\nuse_lora: true\n"
+                      "per_device_train_batch_size: 4\nmodel_max_length: 384\ndeepspeed: zero3_offload\n")
+    by_config = plan_from_argv(["--config", str(config), "--include", "localhost:0,1"], gpu_memory_gib=24, devices=[])
+    assert by_flags.to_dict()["per_gpu_total_mib"] == by_config.to_dict()["per_gpu_total_mib"]
+    s = by_flags.settings
+    assert (s.method, s.num_gpus, s.micro_batch, s.max_length, s.precision) == ("lora", 2, 4, 384, "bf16")
+    assert s.deepspeed.stage == 3 and s.deepspeed.offload_param
+    detected = plan_from_argv(flags, devices=[Device("NVIDIA GeForce RTX 4090", (8, 9), 23.6)] * 2)
+    assert detected.gpu_name == "NVIDIA GeForce RTX 4090" and detected.settings.num_gpus == 2
+    assert detected.gpu_memory == int(23.6 * GIB)
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``minicpm-train ARGS`` in this process, through ``main()`` (errors become one line, exit 1)."""
+    from minicpm_train import cli
+
+    monkeypatch.setattr(sys, "argv", ["minicpm-train", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def test_cli_json_and_errors(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "MiniCPM4-0.5B", "--bf16",
+                             "--qlora", "--use_lora", "--gpu-memory", "6", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    settings = PlanSettings("qlora", precision="bf16", lora_targets=("q_proj", "v_proj"))
+    expected = make_plan("MiniCPM4-0.5B", settings, gpu_memory_gib=6).estimate.total
+    assert report["per_gpu_total_mib"] == round(expected / MIB)
+    assert report["verdict"] in ("fits", "tight", "does not fit")
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "MiniCPM-2B-sft-bf16", "--bf16",
+                           "--gpu-memory", "12")
+    assert code == 0 and "does not fit" in out and "try " in out
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "NoSuchModel-7B")
+    assert code == 1 and err.count("\n") == 1 and "known MiniCPM" in err
+
+
+def test_guide_script(fixtures_dir):
+    """The guide's QLoRA OCNLI script (every flag after its broken `\\ # comment` lines included)."""
+    report = plan_from_argv([], script=str(fixtures_dir / "scripts" / "lora_finetune_ocnli.sh"), gpu_memory_gib=8,
+                            devices=[])
+    s = report.settings
+    assert (s.method, s.micro_batch, s.max_length, s.num_gpus, s.deepspeed.name) == ("qlora", 16, 128, 1,
+                                                                                     "zero2_offload")
+    assert report.verdict == "does not fit"
+    assert any(x.change.startswith("gradient checkpointing") and x.fits for x in report.suggestions)

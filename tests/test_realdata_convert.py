@@ -1,0 +1,70 @@
+"""Every file in ../shared/realdata through convert: nothing lost, output valid; OCNLI exactly as MiniCPM's."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from minicpm_data.convert import ConvertOptions, convert_files
+from minicpm_data.validate import validate_file
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+# Tables need their columns named; everything else is auto-detected.
+OPTIONS = {
+    "songys_chatbot/ChatbotData.csv": ConvertOptions(source="csv", user_col="Q", assistant_col="A"),
+    "PROVENANCE.tsv": ConvertOptions(source="csv", user_col="path_in_repo", assistant_col="source_repo(owner+name)"),
+}
+FILES = sorted(str(p.relative_to(REALDATA)) for p in REALDATA.rglob("*") if p.is_file()) if REALDATA.is_dir() else []
+
+
+def _count_records(path: Path) -> int:
+    """Records counted independently of minicpm_data (stdlib json / csv)."""
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return sum(1 for row in csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ",") if row) - 1
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return sum(1 for line in text.splitlines() if line.strip())
+    return len(data) if isinstance(data, list) else 1
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_realdata_file_converts_without_loss(shared_dir, tmp_path, name):
+    source = shared_dir / "realdata" / name
+    summary = convert_files([source], tmp_path / "out.json", options=OPTIONS.get(name, ConvertOptions()))
+    assert summary.read == _count_records(source)
+    assert summary.read == summary.written + summary.rejected
+    rejects = (tmp_path / "out.rejects.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rejects) == summary.rejected
+    assert len(json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))) == summary.written
+    assert validate_file(tmp_path / "out.json") == []
+
+
+def test_ocnli_matches_minicpms_own_conversion(shared_dir, tmp_path):
+    first_13 = tmp_path / "dev13.json"
+    lines = (shared_dir / "realdata" / "ocnli" / "dev.json").read_text(encoding="utf-8").splitlines()[:13]
+    first_13.write_text("\n".join(lines), encoding="utf-8")
+    convert_files([first_13], tmp_path / "out.json", options=ConvertOptions(source="ocnli"))
+    expected = json.loads((shared_dir / "realdata" / "minicpm" / "ocnli_public_chatml" / "dev.json").read_text("utf-8"))
+    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == expected
+
+
+@pytest.mark.parametrize("name, reason, count", [
+    ("ocnli/dev.json", "no consensus label", 50),
+    ("ocnli/test.json", "no label", 3000),
+    ("llamafactory/glaive_toolcall_en_demo.json", "tool turn", 153),
+])
+def test_realdata_rejects_by_reason(shared_dir, tmp_path, name, reason, count):
+    summary = convert_files([shared_dir / "realdata" / name], tmp_path / "out.jsonl")
+    assert dict(summary.rejects) == {reason: count}
+
+
+def test_realdata_repairs(shared_dir, tmp_path):
+    summary = convert_files([shared_dir / "realdata" / "axolotl" / "conversation.missingturns.json"],
+                            tmp_path / "out.jsonl")
+    assert summary.repairs == {"drop empty turns": 1, "merge same-role turns": 1}

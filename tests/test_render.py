@@ -1,0 +1,241 @@
+"""render(): ids equal the tokenizer's own chat-template rendering; labels cover every answer and its end."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicpm_data.conversation import Conversation, Message
+from minicpm_data.errors import InputError, TokenizerError
+from minicpm_data.render import (IGNORE_INDEX, detect_template, render, render_many, render_prompt)
+from minicpm_data.tokenizer import load_tokenizer
+
+
+def conv(*pairs: tuple[str, str]) -> Conversation:
+    return Conversation([Message(role, content) for role, content in pairs])
+
+
+CASES = [
+    conv(("user", "Hello"), ("assistant", "Hi there.")),
+    conv(("system", "You are a helpful assistant."), ("user", "What is 2+2?"), ("assistant", "4")),
+    conv(("user", "你好，世界！"), ("assistant", "你好！有什么可以帮你的吗？"), ("user", "今天天气很好。"),
+         ("assistant", "是的，很适合出门。")),
+    conv(("system", "系统提示"), ("user", "emoji 😀🎉 ok?"), ("assistant", "👍 sure 🚀")),
+    conv(("user", "  leading and trailing spaces  "), ("assistant", "  padded answer  ")),
+    conv(("user", "\nnewlines\n\ninside\n"), ("assistant", "\n\nline one\nline two\n\n"), ("user", "more"),
+         ("assistant", " x ")),
+    conv(("system", "s"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"), ("user", "e"),
+         ("assistant", "<用户> and <AI> as text, 中英 mixed English")),
+    conv(("user", "empty answer next"), ("assistant", "")),
+]
+CHATML_DIRS = ["minicpm4", "minicpm3"]
+
+
+@pytest.fixture(scope="module")
+def real_tokenizers(shared_dir):
+    return {name: load_tokenizer(str(shared_dir / "tokenizers" / name)) for name in CHATML_DIRS}
+
+
+@pytest.fixture(scope="module")
+def fixture_tokenizers(fixtures_dir):
+    return {name: load_tokenizer(str(fixtures_dir / "tokenizers" / name)) for name in ("chatml", "minicpm2")}
+
+
+def _template_ids(tokenizer, conversation, generation_prompt=False):
+    """The oracle: render with the tokenizer's own template, tokenize with its defaults."""
+    text = tokenizer.apply_chat_template([m.to_dict() for m in conversation.messages], tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+    return text, tokenizer(text)["input_ids"]
+
+
+CHATML_HEADER = "<|im_start|>{role}\n"
+MINICPM2_HEADER = {"system": "", "user": "<用户>", "assistant": "<AI>"}
+
+
+def _expected_labels(tokenizer, conversation, closing):
+    """Independent oracle for labels: tokens whose offsets overlap an answer (+ closing) span.
+
+    Each content is found in the template's text right after its role header, after the previous one.
+    """
+    text, _ = _template_ids(tokenizer, conversation)
+    spans, cursor = [], 0
+    for message in conversation.messages:
+        header = CHATML_HEADER.format(role=message.role) if closing else MINICPM2_HEADER[message.role]
+        start = text.index(header + message.content, cursor) + len(header)
+        end = start + len(message.content)
+        if message.role == "assistant":
+            spans.append((start, end + len(closing)))
+        cursor = end
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    return [token if any(s < b and a < e for s, e in spans) else IGNORE_INDEX
+            for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])]
+
+
+@pytest.mark.parametrize("name", CHATML_DIRS)
+def test_real_chatml_ids_match_template_rendering(real_tokenizers, name):
+    tokenizer = real_tokenizers[name]
+    assert detect_template(tokenizer) == "chatml"
+    for conversation in CASES:
+        sample = render(conversation, tokenizer)
+        _, expected = _template_ids(tokenizer, conversation)
+        assert sample.input_ids == expected
+        # apply_chat_template(tokenize=True) adds no special tokens: the same ids after the tokenizer's <s>.
+        assert sample.input_ids == [tokenizer.bos_token_id] + tokenizer.apply_chat_template(
+            [m.to_dict() for m in conversation.messages], tokenize=True, return_dict=False)
+        assert sample.input_ids.count(tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("name", CHATML_DIRS)
+def test_real_chatml_labels_cover_every_answer_and_its_im_end(real_tokenizers, name):
+    tokenizer = real_tokenizers[name]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for conversation in CASES:
+        sample = render(conversation, tokenizer)
+        assert sample.labels == _expected_labels(tokenizer, conversation, "<|im_end|>")
+        answers = sum(m.role == "assistant" for m in conversation.messages)
+        assert sample.labels.count(im_end) == answers  # middle answers end with a trained <|im_end|> too
+        assert sample.trained_tokens == len(sample.labels) - sample.labels.count(IGNORE_INDEX)
+
+
+def test_trained_text_is_the_answer_plus_im_end(real_tokenizers):
+    tokenizer = real_tokenizers["minicpm4"]
+    conversation = CASES[2]
+    sample = render(conversation, tokenizer)
+    spans, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    answers = [m.content for m in conversation.messages if m.role == "assistant"]
+    assert [tokenizer.decode(span) for span in spans] == [answer + "<|im_end|>" for answer in answers]
+
+
+def test_fixture_chatml_is_minicpm5_style(fixture_tokenizers):
+    """The template writes <s>; the tokenizer adds none; <s> appears once."""
+    tokenizer = fixture_tokenizers["chatml"]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 1)
+    assert tokenizer("x")["input_ids"][0] != tokenizer.bos_token_id
+    for conversation in CASES:
+        sample = render(conversation, tokenizer)
+        _, expected = _template_ids(tokenizer, conversation)
+        assert sample.input_ids == expected
+        assert sample.input_ids[0] == 0 and sample.input_ids.count(0) == 1
+        assert sample.labels == _expected_labels(tokenizer, conversation, "<|im_end|>")
+        assert tokenizer.decode(sample.input_ids) == _template_ids(tokenizer, conversation)[0]
+
+
+def test_bos_is_never_doubled(fixture_tokenizers, real_tokenizers):
+    """A ChatML template that writes <s> with a tokenizer that also adds it still gives one <s>."""
+    tokenizer = real_tokenizers["minicpm4"]
+    original = tokenizer.chat_template
+    tokenizer.chat_template = "{{ bos_token }}" + original
+    try:
+        sample = render(CASES[0], tokenizer)
+    finally:
+        tokenizer.chat_template = original
+    assert sample.input_ids == render(CASES[0], tokenizer).input_ids
+    assert sample.input_ids.count(tokenizer.bos_token_id) == 1
+    assert sample.labels == render(CASES[0], tokenizer).labels
+
+
+def test_minicpm2_layout(fixture_tokenizers):
+    """<s> system <用户>user<AI>answer ... </s>: markers are text, answers and the final </s> trained."""
+    tokenizer = fixture_tokenizers["minicpm2"]
+    assert detect_template(tokenizer) == "minicpm2"
+    for conversation in CASES:
+        sample = render(conversation, tokenizer)
+        text, expected = _template_ids(tokenizer, conversation)
+        assert sample.input_ids == expected + [tokenizer.eos_token_id]
+        assert sample.labels == _expected_labels(tokenizer, conversation, "") + [tokenizer.eos_token_id]
+        assert sample.input_ids.count(tokenizer.bos_token_id) == 1
+        assert sample.input_ids.count(tokenizer.eos_token_id) == 1
+    text, _ = _template_ids(tokenizer, CASES[1])
+    assert text == "You are a helpful assistant.<用户>What is 2+2?<AI>4"
+
+
+def test_render_prompt_ends_with_generation_prompt(fixture_tokenizers, real_tokenizers):
+    prompt = conv(("system", "s"), ("user", "你好 😀"))
+    for tokenizer in [*fixture_tokenizers.values(), *real_tokenizers.values()]:
+        _, expected = _template_ids(tokenizer, prompt, generation_prompt=True)
+        assert render_prompt(prompt, tokenizer) == expected
+    chatml = fixture_tokenizers["chatml"]
+    assert chatml.decode(render_prompt(prompt, chatml)).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert fixture_tokenizers["minicpm2"].decode(render_prompt(prompt, fixture_tokenizers["minicpm2"])) == "<s>s<用户>你好 😀<AI>"
+
+
+def test_render_many_equals_render_and_reports_progress(fixture_tokenizers):
+    tokenizer = fixture_tokenizers["chatml"]
+    seen = []
+    many = render_many(CASES * 300, tokenizer, on_progress=seen.append)
+    assert sum(seen) == len(CASES) * 300 and len(seen) > 1
+    assert [s.input_ids for s in many[:len(CASES)]] == [render(c, tokenizer).input_ids for c in CASES]
+    assert [s.labels for s in many[-len(CASES):]] == [render(c, tokenizer).labels for c in CASES]
+
+
+def test_turn_ends_split_tokens_per_message(fixture_tokenizers):
+    tokenizer = fixture_tokenizers["chatml"]
+    conversation = CASES[1]
+    sample = render(conversation, tokenizer)
+    assert len(sample.turn_ends) == 3 and sample.turn_ends[-1] == sample.num_tokens
+    assert sample.turn_ends == sorted(sample.turn_ends)
+    system_text = tokenizer.decode(sample.input_ids[:sample.turn_ends[0]])
+    assert system_text == "<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>"
+
+
+def test_right_truncation_counts_lost_answer_tokens(fixture_tokenizers):
+    tokenizer = fixture_tokenizers["chatml"]
+    conversation = CASES[2]
+    full = render(conversation, tokenizer)
+    last_answer_start = max(i for i, label in enumerate(full.labels) if label == IGNORE_INDEX
+                            and i < len(full.labels) - 2) + 1
+    partly = render(conversation, tokenizer, max_length=last_answer_start + 2)
+    assert partly.truncated and partly.trainable
+    assert len(partly.input_ids) == len(partly.labels) == last_answer_start + 2
+    assert partly.trained_tokens_lost == full.trained_tokens - (partly.labels.count(IGNORE_INDEX) * -1
+                                                               + len(partly.labels))
+    first_answer = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    none_left = render(conversation, tokenizer, max_length=first_answer)
+    assert not none_left.trainable and none_left.trained_tokens_lost == full.trained_tokens
+    fits = render(conversation, tokenizer, max_length=full.num_tokens)
+    assert not fits.truncated and fits.trained_tokens_lost == 0
+
+
+def test_drop_truncation_never_trains_an_over_long_sample(fixture_tokenizers):
+    tokenizer = fixture_tokenizers["chatml"]
+    full = render(CASES[2], tokenizer)
+    dropped = render(CASES[2], tokenizer, max_length=full.num_tokens - 1, truncation="drop")
+    assert not dropped.trainable and set(dropped.labels) == {IGNORE_INDEX}
+    assert dropped.trained_tokens_lost == full.trained_tokens
+    assert render(CASES[2], tokenizer, max_length=full.num_tokens, truncation="drop").labels == full.labels
+
+
+def test_forced_and_unknown_templates(fixture_tokenizers):
+    chatml, minicpm2 = fixture_tokenizers["chatml"], fixture_tokenizers["minicpm2"]
+    with pytest.raises(TokenizerError, match="<|im_end|>"):
+        render(CASES[0], minicpm2, template="chatml")
+    with pytest.raises(TokenizerError, match="unknown template"):
+        render(CASES[0], chatml, template="llama3")
+    with pytest.raises(InputError, match="truncation"):
+        render(CASES[0], chatml, truncation="left")
+    original = chatml.chat_template
+    try:
+        chatml.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+        with pytest.raises(TokenizerError, match="unknown chat template"):
+            detect_template(chatml)
+        chatml.chat_template = None
+        with pytest.raises(TokenizerError, match="no chat template"):
+            detect_template(chatml)
+    finally:
+        chatml.chat_template = original
+
+
+def test_template_that_rewrites_content_is_refused(fixture_tokenizers):
+    tokenizer = fixture_tokenizers["chatml"]
+    original = tokenizer.chat_template
+    tokenizer.chat_template = original.replace("message['content']", "message['content'].strip()")
+    try:
+        with pytest.raises(TokenizerError, match="changes message contents"):
+            render(conv(("user", " padded "), ("assistant", "x")), tokenizer, template="chatml")
+    finally:
+        tokenizer.chat_template = original

@@ -1,0 +1,133 @@
+"""Each source format: exact conversions, aliases, and auto-detection."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicpm_data.errors import FormatError
+from minicpm_data.io import iter_raw_records
+from minicpm_data.repair import finish
+from minicpm_data.sources import SOURCES, RecordRejected, detect_format, make_source
+from minicpm_data.sources.ocnli import PROMPT
+
+
+def _records(fixtures_dir, name):
+    return [record.data for record in iter_raw_records(fixtures_dir / "raw" / name)]
+
+
+def _turns(conversation):
+    return [(m.role, m.content) for m in conversation.messages]
+
+
+def _convert(source, record):
+    conversation, _ = finish(source.convert(record), verbatim=source.verbatim)
+    return _turns(conversation)
+
+
+def test_sharegpt_turn_shapes_and_role_names(fixtures_dir):
+    records, source = _records(fixtures_dir, "sharegpt.json"), make_source("sharegpt")
+    assert _convert(source, records[0]) == [("user", "What is 2+2?"), ("assistant", "4")]
+    # top-level system, `conversation` key, {human, assistant} pair items
+    assert _convert(source, records[1]) == [("system", "You are terse."), ("user", "Hi"), ("assistant", "Hello"),
+                                            ("user", "Bye"), ("assistant", "Bye!")]
+    # `messages` key with from/value, a system turn first, chatgpt
+    assert _convert(source, records[2]) == [("system", "Be kind."), ("user", "Thanks"), ("assistant", "You're welcome")]
+    # role/content turns, bot
+    assert _convert(source, records[3]) == [("user", "Name a colour"), ("assistant", "Blue")]
+
+
+@pytest.mark.parametrize("index, reason, detail", [
+    (9, "tool turn", "tool turns"),
+    (10, "unknown role", "'narrator'"),
+    (11, "malformed field", "not a list"),
+    (12, "not text", "turn 0 is int"),
+    (13, "missing field", "'conversations' or 'conversation' or 'messages'"),
+    (17, "malformed field", "none of from/value"),
+])
+def test_sharegpt_rejects(fixtures_dir, index, reason, detail):
+    record = _records(fixtures_dir, "sharegpt.json")[index]
+    with pytest.raises(RecordRejected) as caught:
+        finish(make_source("sharegpt").convert(record))
+    assert caught.value.reason == reason and detail in caught.value.detail
+
+
+def test_alpaca_inputs_history_aliases(fixtures_dir):
+    records, source = _records(fixtures_dir, "alpaca.json"), make_source("alpaca")
+    assert _convert(source, records[0]) == [("user", "Translate to English\n你好"), ("assistant", "Hello")]
+    assert _convert(source, records[1]) == [("user", "Tell a joke"), ("assistant", "Why did the chicken cross the road?")]
+    assert _convert(source, records[2]) == [("user", "Give a tip"), ("assistant", "Sleep well.")]  # "<noinput>"
+    assert _convert(source, records[3]) == [
+        ("system", "You translate."), ("user", "Translate: hello"), ("assistant", "你好"),
+        ("user", "To Spanish?"), ("assistant", "Hola"), ("user", "And in French?"), ("assistant", "Bonjour")]
+    assert _convert(source, records[4]) == [("user", "What is AI?"), ("assistant", "Artificial intelligence.")]
+    assert _convert(source, records[8]) == [("user", "Summarise\nThe text."), ("assistant", "Done.")]
+
+
+@pytest.mark.parametrize("index, reason", [(5, "missing field"), (6, "malformed field"), (7, "not text")])
+def test_alpaca_rejects(fixtures_dir, index, reason):
+    with pytest.raises(RecordRejected) as caught:
+        make_source("alpaca").convert(_records(fixtures_dir, "alpaca.json")[index])
+    assert caught.value.reason == reason
+
+
+def test_ocnli_prompt_is_minicpms_byte_for_byte(fixtures_dir):
+    records, source = _records(fixtures_dir, "ocnli.json"), make_source("ocnli")
+    assert _convert(source, records[0]) == [
+        ("user", "请判断下边两个句子的关系属于 [entailment, neutral, contradiction]中的哪一种？\n句子1: 他在读书\n句子2：他在看书\n"),
+        ("assistant", "entailment")]
+    assert PROMPT.endswith("\n") and "句子1: " in PROMPT and "句子2：" in PROMPT
+
+
+@pytest.mark.parametrize("index, reason", [(3, "no consensus label"), (4, "no label"), (5, "unknown label")])
+def test_ocnli_rejects(fixtures_dir, index, reason):
+    with pytest.raises(RecordRejected) as caught:
+        make_source("ocnli").convert(_records(fixtures_dir, "ocnli.json")[index])
+    assert caught.value.reason == reason
+
+
+def test_messages_pass_through_normalised(fixtures_dir):
+    records, source = _records(fixtures_dir, "messages.jsonl"), make_source("messages")
+    assert _convert(source, records[0]) == [("system", "You are helpful."), ("user", "Hi"), ("assistant", "Hello!")]
+    # developer -> system; content parts joined
+    assert _convert(source, records[1]) == [("system", "Answer in one word."), ("user", "Capital of France?\nBe brief."),
+                                            ("assistant", "Paris")]
+    with pytest.raises(RecordRejected, match="tool turn"):
+        finish(source.convert(records[2]))
+    with pytest.raises(RecordRejected, match="not text: message 0 has a image_url part"):
+        source.convert(records[3])
+
+
+def test_table_columns_and_template(fixtures_dir):
+    row = _records(fixtures_dir, "table.csv")[0]
+    mapped = make_source("csv", user_col="question", assistant_col="answer", system_col="persona")
+    assert _convert(mapped, row) == [("system", "You are a tea expert."), ("user", "What is tea?"),
+                                     ("assistant", "A drink made from leaves.")]
+    templated = make_source("csv", template="[{topic}] {question}", assistant_col="answer")
+    assert _convert(templated, row) == [("user", "[drinks] What is tea?"), ("assistant", "A drink made from leaves.")]
+    with pytest.raises(FormatError, match="missing column 'nope'"):
+        make_source("csv", user_col="nope", assistant_col="answer").check_columns(list(row), "table.csv")
+    with pytest.raises(FormatError, match="needs --assistant-col"):
+        make_source("csv", user_col="question")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sharegpt.json", "sharegpt"), ("alpaca.json", "alpaca"), ("ocnli.json", "ocnli"),
+    ("messages.jsonl", "messages"), ("sharegpt_gbk.jsonl", "sharegpt"),
+])
+def test_auto_detection(fixtures_dir, name, expected):
+    assert detect_format(_records(fixtures_dir, name), name) == expected
+
+
+def test_auto_detection_refuses_ambiguous_mixed_and_unknown():
+    both = {"instruction": "q", "output": "a", "conversations": []}
+    with pytest.raises(FormatError, match="fits sharegpt and alpaca"):
+        detect_format([both], "x.json")
+    with pytest.raises(FormatError, match="different formats"):
+        detect_format([{"instruction": "q", "output": "a"}, {"conversations": []}], "x.json")
+    with pytest.raises(FormatError, match=r"cannot detect the format from keys \['Q', 'A'\]"):
+        detect_format([{"Q": "q", "A": "a"}], "x.csv")
+
+
+def test_every_source_documents_input_and_output():
+    for source in SOURCES.values():
+        assert "->" in source.__doc__, source.__name__

@@ -1,0 +1,143 @@
+"""minicpm-data stats: numbers from render(), truncation counts, padding, suggestion, tables, JSON, plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_data_cli import run_cli
+
+from minicpm_data.conversation import Conversation, Message
+from minicpm_data.io import read_conversations
+from minicpm_data.render import IGNORE_INDEX, render
+from minicpm_data.stats import compute_stats, padding_to_longest, suggest_max_length
+from minicpm_data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def chatml(fixtures_dir):
+    return load_tokenizer(str(fixtures_dir / "tokenizers" / "chatml"))
+
+
+@pytest.fixture(scope="module")
+def lengths_file(fixtures_dir):
+    return fixtures_dir / "chat" / "lengths.json"
+
+
+@pytest.fixture(scope="module")
+def conversations(lengths_file):
+    return [conversation for _, conversation in read_conversations(lengths_file)]
+
+
+def test_numbers_come_from_render(chatml, conversations):
+    full = [render(c, chatml) for c in conversations]
+    lengths = np.array([s.num_tokens for s in full])
+    stats = compute_stats("f", conversations, chatml, model_max_length=10_000)
+    assert stats.records == 5 and stats.roles == {"user": 6, "assistant": 5, "system": 1}
+    assert (stats.turns.min, stats.turns.max, stats.turns.mean) == (1, 4, 2.4)
+    assert stats.tokens.to_dict() == {"min": lengths.min(), "mean": lengths.mean(), "p50": np.percentile(lengths, 50),
+                                      "p90": np.percentile(lengths, 90), "p95": np.percentile(lengths, 95),
+                                      "p99": np.percentile(lengths, 99), "max": lengths.max()}
+    assert stats.trained.max == max(s.trained_tokens for s in full)
+    assert stats.total_tokens == sum(s.num_tokens for s in full if s.trained_tokens)  # no answer: not trained
+    assert stats.trained_tokens == sum(s.trained_tokens for s in full)
+    assert stats.no_trained_tokens == 1 and stats.trainable_samples == 4
+    assert stats.over_max_length == stats.labels_partly_truncated == stats.labels_fully_truncated == 0
+    # <s><|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n costs the same for every 2-turn sample.
+    empty = render(Conversation([Message("user", ""), Message("assistant", "")]), chatml).num_tokens
+    assert stats.template_overhead > empty - 1
+
+
+def test_truncation_counts(chatml, conversations):
+    full = [render(c, chatml) for c in conversations]
+    # A length that cuts the longest sample inside its answers, and the second one before its answer.
+    limit = next(i for i, label in enumerate(full[1].labels) if label != IGNORE_INDEX)
+    stats = compute_stats("f", conversations, chatml, model_max_length=limit)
+    cut = [render(c, chatml, max_length=limit) for c in conversations]
+    assert stats.over_max_length == sum(s.num_tokens > limit for s in full)
+    assert stats.labels_fully_truncated == sum(s.trained_tokens > 0 and not s.trainable for s in cut) >= 1
+    assert stats.labels_partly_truncated == sum(s.trainable and s.trained_tokens_lost > 0 for s in cut)
+    assert stats.trained_tokens_lost == sum(s.trained_tokens_lost for s in cut)
+    assert stats.total_tokens == sum(len(s.input_ids) for s in cut if s.trainable)
+    dropped = compute_stats("f", conversations, chatml, model_max_length=limit, truncation="drop")
+    assert dropped.labels_partly_truncated == 0
+    assert dropped.labels_fully_truncated == stats.over_max_length - (full[4].num_tokens > limit)
+
+
+def test_padding_and_suggestion():
+    lengths = np.array([10, 4, 7, 7, 1])
+    assert padding_to_longest(lengths, 2) == (10 - 4) + 0 + 0
+    assert padding_to_longest(lengths, 5) == 10 * 5 - 29
+    assert padding_to_longest(np.array([], dtype=int), 8) == 0
+    assert suggest_max_length(np.arange(1, 1001)) == 1024  # p99 = 990.01 -> 1024
+    assert suggest_max_length(np.array([65] * 100)) == 128
+    assert suggest_max_length(np.array([3])) == 64
+
+
+def test_progress_is_reported(chatml, conversations):
+    seen = []
+    compute_stats("f", conversations * 600, chatml, model_max_length=64, on_progress=seen.append)
+    assert sum(seen) == 3000 and len(seen) == 3
+
+
+def test_cli_tables_histogram_and_plot(capsys, fixtures_dir, lengths_file, tmp_path):
+    plot = tmp_path / "lengths.png"
+    code, out, err = run_cli(capsys, "stats", lengths_file, fixtures_dir / "train" / "dev.json", "--tokenizer",
+                             fixtures_dir / "tokenizers" / "chatml", "--model-max-length", 64, "--plot", plot)
+    assert code == 0, err
+    for expected in ("lengths.json", "dev.json", "tokens per sample: p99", "lose all trained tokens",
+                     "padding to 64 (reference trainer)", "suggested model_max_length", "← 64"):
+        assert expected in out
+    import matplotlib.image
+
+    image = matplotlib.image.imread(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 300 and image.shape[1] > 600
+    assert image.std() > 0.05  # bars and lines, not a blank canvas
+
+
+def test_cli_json(capsys, fixtures_dir, lengths_file, conversations):
+    code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
+                             "--model-max-length", 48, "--json")
+    assert code == 0, err
+    [entry] = json.loads(out)
+    tokenizer = load_tokenizer(str(fixtures_dir / "tokenizers" / "chatml"))
+    stats = compute_stats(str(lengths_file), conversations, tokenizer, model_max_length=48)
+    assert entry["file"] == str(lengths_file) and entry["records"] == 5
+    assert set(entry["tokens"]) == {"min", "mean", "p50", "p90", "p95", "p99", "max"}
+    for key in ("total_tokens", "trained_tokens", "over_max_length", "labels_partly_truncated",
+                "labels_fully_truncated"):
+        assert entry[key] == getattr(stats, key)
+    assert entry["tokens"]["max"] == stats.tokens.max and entry["suggested_model_max_length"] % 64 == 0
+
+
+def test_cli_real_minicpm4(capsys, shared_dir):
+    data = shared_dir / "realdata" / "minicpm" / "ocnli_public_chatml" / "dev.json"
+    folder = shared_dir / "tokenizers" / "minicpm4"
+    code, out, err = run_cli(capsys, "stats", data, "--tokenizer", folder, "--model-max-length", 64, "--json")
+    assert code == 0, err
+    [entry] = json.loads(out)
+    tokenizer = load_tokenizer(str(folder))
+    texts = [tokenizer.apply_chat_template([m.to_dict() for m in c.messages], tokenize=False)
+             for _, c in read_conversations(data)]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    assert entry["records"] == len(lengths) == 13
+    assert (entry["tokens"]["min"], entry["tokens"]["max"]) == (min(lengths), max(lengths))
+    assert entry["over_max_length"] == sum(length > 64 for length in lengths)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--template", "llama3"], "unknown template 'llama3'"),
+    (["--truncation", "left"], "unknown truncation 'left'"),
+])
+def test_cli_errors_are_one_line(capsys, fixtures_dir, lengths_file, argv, message):
+    code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
+                             *argv)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_hub_id_offline(capsys, monkeypatch, lengths_file):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", "openbmb/MiniCPM4-8B")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "could not fetch openbmb/MiniCPM4-8B from the hub" in err and "local model folder" in err

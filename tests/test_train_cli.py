@@ -1,0 +1,41 @@
+"""`minicpm-train run --script`: the guide's own script, verbatim, runs end to end on a CPU-only machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from train_helpers import MAX_LENGTH, TASK_DEV, TASK_TRAIN
+
+pytest_plugins = ["train_helpers"]
+
+CLI = str(Path(sys.executable).with_name("minicpm-train"))
+GUIDE_SCRIPT = Path(__file__).resolve().parents[1] / "fixtures" / "scripts" / "lora_finetune_ocnli.sh"
+
+
+def test_guide_script_runs_on_cpu(tmp_path, tiny_llama, data_cache):
+    overrides = ["--model_name_or_path", str(tiny_llama), "--train_data_path", str(TASK_TRAIN),
+                 "--eval_data_path", str(TASK_DEV), "--model_max_length", str(MAX_LENGTH), "--max_steps", "6",
+                 "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "0",
+                 "--learning_rate", "5e-3", "--data_cache_dir", str(data_cache)]
+    result = subprocess.run([CLI, "run", "--script", str(GUIDE_SCRIPT), *overrides], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    out = " ".join(result.stdout.split())  # undo Rich's wrapping
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for shown in ("export NCCL_P2P_DISABLE", "--evaluation_strategy", "use_lora", "--deepspeed",
+                  "configs/ds_config_zero2_offload.json"):
+        assert shown in out, shown
+    for notice in ("comment after '\\' ends the command in bash", "--include localhost:1 ignored",
+                   "using the shipped preset 'zero2_offload'", "--evaluation_strategy is the old name",
+                   "--bf16 ignored, training in float32", "QLoRA"):
+        assert notice in out, notice
+    runs = list((tmp_path / "output" / "OCNLILoRA").iterdir())
+    assert len(runs) == 1 and runs[0].name.isdigit() and len(runs[0].name) == 14  # $formatted_time
+    assert (runs[0] / "adapter_model.safetensors").is_file() and (runs[0] / "checkpoint-3").is_dir()
+    config = json.loads((runs[0] / "run_config.json").read_text())
+    assert config["options"]["qlora"] and config["env"]["NCCL_P2P_DISABLE"] == "1"
+    assert config["training_arguments"]["train_sampling_strategy"] == "group_by_length"
+    assert config["training_arguments"]["eval_strategy"] == "steps"
+    assert "eval loss" in out and "tok/s" in out
