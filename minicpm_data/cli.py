@@ -99,7 +99,7 @@ def convert_command(
     tool_turns: str = typer.Option("reject", "--tool-turns", help="Records with tool turns: reject (default) or drop those turns."),
     no_repair: bool = typer.Option(False, "--no-repair", help="Reject records that need a repair instead of repairing them."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Reject exact duplicate conversations (reason: duplicate)."),
-    workers: int = typer.Option(None, "--workers", help="Processes for JSON Lines input (default: one per CPU from 64 MB)."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes for JSON Lines input (1: none)."),
     dev_ratio: float = typer.Option(None, "--dev-ratio", help="Also split: write OUT/train and OUT/dev with this dev share."),
     seed: int = typer.Option(42, "--seed", help="Seed for --dev-ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -113,16 +113,18 @@ def convert_command(
                              system_col=system_col, template=template, system=system, tool_turns=tool_turns,
                              repair=not no_repair, dedupe=dedupe, workers=workers)
 
-    def announce(item) -> None:
-        if item.detected:
-            err_console.print(f"detected format [bold]{item.format}[/] for {escape(item.path)}", soft_wrap=True)
+    with err_console.status("converting...") as status:
 
-    with err_console.status("converting..."):
+        def progress(item) -> None:
+            if item.read == 0 and item.detected:
+                err_console.print(f"detected format [bold]{item.format}[/] for {escape(item.path)}", soft_wrap=True)
+            status.update(f"converting {escape(item.path)}: {item.read:,} records")
+
         if dev_ratio is None:
-            summary = convert_files(inputs, output, options=options, fmt=fmt, rejects_path=rejects, on_file=announce)
+            summary = convert_files(inputs, output, options=options, fmt=fmt, rejects_path=rejects, progress=progress)
         else:
             summary = convert_and_split(inputs, output, dev_ratio=dev_ratio, seed=seed, options=options, fmt=fmt,
-                                        rejects_path=rejects, on_file=announce)
+                                        rejects_path=rejects, progress=progress)
     if as_json:
         _print_json(summary.to_dict())
     else:
@@ -215,13 +217,12 @@ def stats_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from minicpm_data import report
-    from minicpm_data.io import read_conversations
-    from minicpm_data.stats import compute_stats
+    from minicpm_data.stats import compute_stats, read_all
 
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
     all_stats = []
     for file in files:
-        conversations = [conversation for _, conversation in read_conversations(file)]
+        conversations = read_all(file)
         with Progress(TextColumn("rendering {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console, transient=True,
                       disable=len(conversations) < 2000) as progress:
@@ -241,7 +242,7 @@ def stats_command(
     for stats in all_stats:
         console.print(report.histogram(stats))
     if plot is not None:
-        console.print(f"plot written to {plot}")
+        console.print(f"plot written to {plot}", markup=False, highlight=False)
 
 
 @app.command("inspect", help="Show rendered samples with the trained tokens highlighted: what the model will learn.")
@@ -266,7 +267,7 @@ def inspect_command(
     chosen = list(islice(read_conversations(file), index, index + count))
     if not chosen:
         raise MinicpmError(f"{file} has no record {index}")
-    console.print(f"layout {template}; tokenizer {tokenizer}", style="bold")
+    console.print(f"layout {template}; tokenizer {tokenizer}", style="bold", markup=False, highlight=False)
     for number, conversation in chosen:
         full = render(conversation, loaded, template=template)
         cut = None if model_max_length is None else render(conversation, loaded, template=template,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ class ConvertOptions:
     tool_turns: str = "reject"
     repair: bool = True
     dedupe: bool = False
-    workers: int | None = None  # processes for JSON Lines input; None: several for large files
+    workers: int = 1  # worker processes for JSON Lines input (1: convert in this process)
 
     def table_options(self) -> dict[str, str | None]:
         return {"user_col": self.user_col, "assistant_col": self.assistant_col,
@@ -100,21 +99,24 @@ def _check_paths(inputs: Sequence[Path], output: Path, rejects: Path) -> None:
         raise InputError(f"{output}: the output and the rejects file are the same path")
 
 
-def _conversion_setup(options: ConvertOptions) -> None:
+def _check_options(options: ConvertOptions) -> None:
     if options.source not in FORMATS:
         raise InputError(f"unknown format {options.source!r}; choose one of {', '.join(FORMATS)}")
+    if options.workers < 1:
+        raise InputError(f"--workers must be 1 or more, got {options.workers}")
     if options.tool_turns not in TOOL_POLICIES:
         raise InputError(f"unknown tool policy {options.tool_turns!r}; choose one of {', '.join(TOOL_POLICIES)}")
 
 
 def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: ConvertOptions = ConvertOptions(),
                   fmt: str | None = None, rejects_path: str | Path | None = None,
-                  on_file: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
+                  progress: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
     """Convert every record of ``inputs`` into ``output``; rejected records go to ``rejects_path``.
 
-    ``on_file`` is called once per input when its format is known (e.g. to say what auto detected).
+    ``progress`` is called with the file's counts when its format is known (``read == 0``: e.g. to say
+    what auto detected) and then every :data:`PROGRESS_EVERY` records.
     """
-    _conversion_setup(options)
+    _check_options(options)
     inputs = [Path(p) for p in inputs]
     output = Path(output)
     fmt = output_format(output, fmt)
@@ -122,12 +124,15 @@ def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: 
     _check_paths(inputs, output, rejects)
     summary = ConvertSummary(str(output), str(rejects))
     with record_writer(output, fmt) as out, record_writer(rejects, "jsonl") as rejected:
-        sink = _Sink(summary, out, rejected, dedupe=options.dedupe)
+        sink = _Sink(summary, out, rejected, dedupe=options.dedupe, progress=progress)
         for path in inputs:
             file_summary = FileSummary(str(path))
             summary.files.append(file_summary)
-            _convert_file(path, options, file_summary, sink, on_file)
+            _convert_file(path, options, file_summary, sink, progress)
     return summary
+
+
+PROGRESS_EVERY = 10_000
 
 
 class Outcome(NamedTuple):
@@ -154,7 +159,7 @@ class RecordProcessor:
                                            default_system=self.options.system)
         except RecordRejected as rejection:
             return Outcome(None, [], rejection.reason, rejection.detail)
-        return Outcome(serialize(conversation), applied)
+        return Outcome(serialize(conversation.to_record()), applied)  # dicts serialize twice as fast as dataclasses
 
     def process_lines(self, batch: list[tuple[int, int, bytes | str]]) -> list[Outcome]:
         return [self(parse_line(self.path, line, text)) for _, line, text in batch]
@@ -163,13 +168,16 @@ class RecordProcessor:
 class _Sink:
     """Writes outcomes in input order: conversations to the output, rejects with their original record."""
 
-    def __init__(self, summary: ConvertSummary, out, rejected, *, dedupe: bool):
-        self.summary, self.out, self.rejected = summary, out, rejected
+    def __init__(self, summary: ConvertSummary, out, rejected, *, dedupe: bool,
+                 progress: Callable[[FileSummary], None] | None):
+        self.summary, self.out, self.rejected, self.progress = summary, out, rejected, progress
         self.seen: dict[bytes, str] | None = {} if dedupe else None
 
     def add(self, file: FileSummary, index: int, line: int | None, outcome: Outcome,
             original: Callable[[], Any]) -> None:
         file.read += 1
+        if self.progress and file.read % PROGRESS_EVERY == 0:
+            self.progress(file)
         if outcome.data is not None and self.seen is not None:
             here = f"{file.path} record {index}"
             first = self.seen.setdefault(hashlib.blake2b(outcome.data, digest_size=16).digest(), here)
@@ -187,7 +195,7 @@ class _Sink:
 
 
 def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary, sink: _Sink,
-                  on_file: Callable[[FileSummary], None] | None) -> None:
+                  progress: Callable[[FileSummary], None] | None) -> None:
     records = iter_raw_records(path, encoding=options.encoding)
     head = list(itertools.islice(records, DETECT_SAMPLE))
     name = options.source
@@ -197,35 +205,26 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
         name = detect_format([r.data for r in head], str(path))
         file_summary.detected = True
     file_summary.format = name if head or name != "auto" else None
-    if on_file:
-        on_file(file_summary)
+    if progress:
+        progress(file_summary)
     if not head:
         return
     source = make_source(name, **options.table_options())
     if isinstance(head[0].data, dict) and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
         source.check_columns(list(head[0].data), str(path))
     process = RecordProcessor(source, options, path)
-    workers = _worker_count(path, options.workers)
-    lines = json_lines(path, encoding=options.encoding) if workers > 1 else None
+    lines = json_lines(path, encoding=options.encoding) if options.workers > 1 else None
     if lines is None:
         for raw in itertools.chain(head, records):
             sink.add(file_summary, raw.index, raw.line, process(raw.data), lambda raw=raw: raw.data)
         return
     records.close()  # the workers parse every line, the sampled head included
-    for batch, outcomes in _in_workers(process, lines, workers):
+    for batch, outcomes in _in_workers(process, lines, options.workers):
         for (index, line, text), outcome in zip(batch, outcomes):
             sink.add(file_summary, index, line, outcome, lambda text=text: orjson.loads(text))
 
 
-# Files at least this large are converted by several processes when --workers is not given.
-PARALLEL_MIN_BYTES = 64 << 20
 _BATCH_BYTES = 1 << 20
-
-
-def _worker_count(path: Path, workers: int | None) -> int:
-    if workers is not None:
-        return max(workers, 1)
-    return min(os.cpu_count() or 1, 8) if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
 
 
 def _process_batch(process: RecordProcessor, batch: list[tuple[int, int, bytes | str]]) -> list[Outcome]:
@@ -265,7 +264,7 @@ def _batches(lines: Iterator[tuple[int, int, bytes | str]]) -> Iterator[list]:
 def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_ratio: float, seed: int = 42,
                       options: ConvertOptions = ConvertOptions(), fmt: str | None = None,
                       rejects_path: str | Path | None = None,
-                      on_file: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
+                      progress: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
     """Convert into the folder ``out_dir`` as ``train.<fmt>`` and ``dev.<fmt>`` (default json);
     rejects go to ``out_dir/rejects.jsonl`` unless ``rejects_path`` is given."""
     from minicpm_data.split import dev_indices, split_file
@@ -277,7 +276,7 @@ def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_
     fmt = output_format(f"x.{fmt or 'json'}")
     combined = out_dir / f".converted.{fmt}"
     summary = convert_files(inputs, combined, options=options, fmt=fmt,
-                            rejects_path=rejects_path or out_dir / "rejects.jsonl", on_file=on_file)
+                            rejects_path=rejects_path or out_dir / "rejects.jsonl", progress=progress)
     try:
         result = split_file(combined, out_dir, dev_ratio=dev_ratio, seed=seed, fmt=fmt)
     finally:

@@ -29,6 +29,7 @@ from minicpm_data.errors import InputError
 RAW_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 OUTPUT_FORMATS = ("json", "jsonl")
 _SNIFF_BYTES = 1 << 16
+_WRITE_BUFFER = 1 << 20  # records are a few KB each: fewer, larger writes
 # Tried in this order when no encoding is given (a BOM decides first).
 _FALLBACK_ENCODINGS = ("utf-8", "gb18030")
 
@@ -257,11 +258,6 @@ def _iter_parquet(path: Path) -> Iterator[RawRecord]:
 # --- target-format files ------------------------------------------------------------------------
 
 
-def read_records(path: str | Path) -> Iterator[RawRecord]:
-    """Records of a target-format file (a JSON list or JSON Lines), without checking them."""
-    return iter_raw_records(path)
-
-
 def read_conversations(path: str | Path) -> Iterator[tuple[int, Conversation]]:
     """``(index, Conversation)`` for every record of a target-format ``.json`` list or ``.jsonl`` file.
 
@@ -269,7 +265,7 @@ def read_conversations(path: str | Path) -> Iterator[tuple[int, Conversation]]:
     :func:`minicpm_data.validate.validate_file` first for the full rules.
     """
     path = Path(path)
-    for record in read_records(path):
+    for record in iter_raw_records(path):
         try:
             yield record.index, Conversation.from_record(record.data)
         except (KeyError, TypeError, AttributeError):
@@ -308,7 +304,8 @@ def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary handle to a temporary file beside ``path``, renamed onto ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile("wb", buffering=_WRITE_BUFFER, dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
     try:
         with handle:
             yield handle

@@ -25,10 +25,13 @@ newline) is trained: the model has to produce it.
 
 from __future__ import annotations
 
+import gc
 import re
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate, chain
 from typing import Any
 
 from minicpm_data.conversation import Conversation
@@ -76,6 +79,19 @@ class RenderedSample:
         return self.trained_tokens > self.trained_tokens_lost
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How conversations with one sequence of roles render: the literal ``parts`` around the contents;
+    where content i starts and where its turn (with its closing ``<|im_end|>``) ends, counting literal
+    characters only; the indices of trained (assistant) messages; whether a trained eos id follows."""
+
+    parts: list[str]
+    starts: list[int]
+    ends: list[int]
+    trained: list[int]
+    final_eos: bool
+
+
 def detect_template(tokenizer: Any) -> str:
     """``"chatml"`` or ``"minicpm2"`` from the tokenizer's chat template and special tokens."""
     template = tokenizer.chat_template
@@ -113,22 +129,24 @@ def render_many(conversations: Iterable[Conversation], tokenizer: Any, *, templa
     layout = _layout(tokenizer, template)
     samples: list[RenderedSample] = []
     batch: list[Conversation] = []
-    for conversation in conversations:
-        batch.append(conversation)
-        if len(batch) == BATCH_SIZE:
+    with gc_paused():
+        for conversation in conversations:
+            batch.append(conversation)
+            if len(batch) == BATCH_SIZE:
+                samples += _render_batch(batch, layout, max_length, truncation, on_progress)
+                batch = []
+        if batch:
             samples += _render_batch(batch, layout, max_length, truncation, on_progress)
-            batch = []
-    if batch:
-        samples += _render_batch(batch, layout, max_length, truncation, on_progress)
     return samples
 
 
 def render_prompt(conversation: Conversation, tokenizer: Any, template: str | None = None) -> list[int]:
     """Ids of a conversation without its answer, ending with the assistant generation prompt."""
     layout = _layout(tokenizer, template)
-    parts = layout.parts(tuple(m.role for m in conversation.messages), True, conversation)
-    ids = layout.encode([_join(parts, [m.content for m in conversation.messages])])[0].ids
-    return ids[layout.bos_skip(ids):]
+    shape = layout.shape(tuple(m.role for m in conversation.messages), True, conversation)
+    ids = layout.encode([_join(shape.parts, [m.content for m in conversation.messages])])[0].ids
+    _drop_double_bos(ids, layout.bos_id)
+    return ids
 
 
 # --- layouts --------------------------------------------------------------------------------------
@@ -143,14 +161,20 @@ class _Layout:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.bos_id = tokenizer.bos_token_id
-        self._parts: dict[tuple, list[str]] = {}
+        self.shapes: dict[tuple, _Shape] = {}  # by (roles, generation_prompt)
 
-    def parts(self, roles: tuple[str, ...], generation_prompt: bool, example: Conversation) -> list[str]:
+    def shape(self, roles: tuple[str, ...], generation_prompt: bool, example: Conversation) -> "_Shape":
+        """The cached plan for one sequence of roles (``example`` checks it the first time)."""
         key = (roles, generation_prompt)
-        parts = self._parts.get(key)
-        if parts is None:
-            parts = self._parts[key] = self.build_parts(roles, generation_prompt, example)
-        return parts
+        shape = self.shapes.get(key)
+        if shape is None:
+            parts = self.build_parts(roles, generation_prompt, example)
+            starts = list(accumulate(len(part) for part in parts[:-1]))
+            ends = [start + self.closing(part) for start, part in zip(starts, parts[1:])]
+            trained = [i for i, role in enumerate(roles) if role == "assistant"]
+            final_eos = self.final_eos and bool(roles) and roles[-1] == "assistant" and not generation_prompt
+            shape = self.shapes[key] = _Shape(parts, starts, ends, trained, final_eos)
+        return shape
 
     def build_parts(self, roles: tuple[str, ...], generation_prompt: bool, example: Conversation) -> list[str]:
         raise NotImplementedError
@@ -160,7 +184,7 @@ class _Layout:
         raise NotImplementedError
 
     def encode(self, texts: list[str]) -> list[Any]:
-        """The tokenizer with its default special tokens: ``tokenizers.Encoding`` objects.
+        """The tokenizer with its default special tokens: a ``tokenizers.Encoding`` per text.
 
         Calls the Rust backend directly (what ``tokenizer(texts)`` does after its own checks) unless
         the backend carries truncation, padding or special-token settings that the wrapper would reset.
@@ -170,10 +194,6 @@ class _Layout:
                 and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))):
             return backend.encode_batch(texts, add_special_tokens=True)
         return self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False).encodings
-
-    def bos_skip(self, ids: list[int]) -> int:
-        """1 when both the text and the tokenizer put ``<s>`` first (it must appear once), else 0."""
-        return int(self.bos_id is not None and len(ids) > 1 and ids[0] == ids[1] == self.bos_id)
 
 
 class _ChatML(_Layout):
@@ -233,7 +253,7 @@ class _MiniCPM2(_Layout):
 
     def encode(self, texts: list[str]) -> list[Any]:
         encodings = super().encode(texts)
-        if self.bos_id is not None:  # the layout starts with <s> even when the tokenizer adds none
+        if self.bos_id is not None:  # the layout starts with <s>: a tokenizer that adds none is not MiniCPM-2's
             for encoding in encodings:
                 if not encoding.ids or encoding.ids[0] != self.bos_id:
                     raise TokenizerError(f"tokenizer {_name(self.tokenizer)} does not add <s>: "
@@ -260,62 +280,97 @@ def _layout(tokenizer: Any, template: str | None) -> _Layout:
 # --- rendering ------------------------------------------------------------------------------------
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small acyclic objects (ids, labels).
+
+    Generational collections triggered by millions of fresh lists would rescan every live sample
+    again and again; nothing built here forms a cycle, so reference counting frees it all.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _join(parts: Sequence[str], contents: Sequence[str]) -> str:
-    pieces = [parts[0]]
-    for content, part in zip(contents, parts[1:]):
-        pieces += (content, part)
-    return "".join(pieces)
+    return "".join(chain.from_iterable(zip(parts, contents))) + parts[-1]
 
 
 def _render_batch(conversations: list[Conversation], layout: _Layout, max_length: int | None,
                   truncation: str, on_progress: Callable[[int], None] | None) -> list[RenderedSample]:
     texts, plans = [], []
+    shapes, shape_of = layout.shapes, layout.shape
     for conversation in conversations:
         messages = conversation.messages
-        parts = layout.parts(tuple(m.role for m in messages), False, conversation)
-        position, pieces, trained, ends = len(parts[0]), [parts[0]], [], []
-        for message, part in zip(messages, parts[1:]):
-            start = position
-            position += len(message.content)
-            end = position + layout.closing(part)
-            if message.role == "assistant":
-                trained.append((start, end))
-            ends.append(end)
-            pieces += (message.content, part)
-            position += len(part)
-        texts.append("".join(pieces))
-        plans.append((trained, ends, bool(messages) and messages[-1].role == "assistant"))
-    encodings = layout.encode(texts)
-    samples = [_sample(encoding, *plan, layout, max_length, truncation) for encoding, plan in zip(encodings, plans)]
+        contents = [m.content for m in messages]
+        roles = tuple([m.role for m in messages])
+        shape = shapes.get((roles, False)) or shape_of(roles, False, conversation)
+        texts.append(_join(shape.parts, contents))
+        # Message i's content starts at starts[i] plus the lengths of the contents before it.
+        before = [0, *accumulate(map(len, contents))]
+        ends = [base + length for base, length in zip(shape.ends, before[1:])]
+        plans.append(([(shape.starts[i] + before[i], ends[i]) for i in shape.trained], ends, shape.final_eos))
+    tokenized = _tokenize(layout, texts, plans)
+    eos = layout.tokenizer.eos_token_id if layout.final_eos else None
+    samples = [_sample(*tokens, eos if final_eos else None, layout.bos_id, max_length, truncation == "drop")
+               for tokens, (_, _, final_eos) in zip(tokenized, plans)]
     if on_progress is not None:
         on_progress(len(samples))
     return samples
 
 
-def _sample(encoding: Any, trained_chars: list[tuple[int, int]], end_chars: list[int], ends_with_answer: bool,
-            layout: _Layout, max_length: int | None, truncation: str) -> RenderedSample:
-    ids = encoding.ids
-    skip = layout.bos_skip(ids)
-    if skip:
-        ids = ids[skip:]
+def _tokenize(layout: _Layout, texts: list[str], plans: list[tuple]) -> list[tuple[list[int], list, list]]:
+    """Everything asked of the tokenizer for a batch: per text its ids, the token ranges of its trained
+    character spans, and the token index where each message ends (the offsets are read here, then the
+    encodings are let go)."""
+    tokenized = []
+    for encoding, (spans, ends, _) in zip(layout.encode(texts), plans):
+        ranges = []
+        for start_char, end_char in spans:
+            first = _token_at(encoding, start_char, end_char, forward=True)
+            if first is not None:
+                ranges.append((first, _token_at(encoding, start_char, end_char, forward=False) + 1))
+        turn_ends = [_token_end(encoding, char) for char in ends[:-1]] + [0] * bool(ends)  # last: set by _sample
+        tokenized.append((encoding.ids, ranges, turn_ends))
+    return tokenized
+
+
+def _sample(ids: list[int], trained_ranges: list[tuple[int, int]], turn_ends: list[int], eos: int | None,
+            bos: int | None, max_length: int | None, drop: bool) -> RenderedSample:
+    """Labels, the final eos (``eos`` given), one ``<s>`` at most, and the truncation policy."""
+    if _drop_double_bos(ids, bos):
+        trained_ranges = [(first - 1, last - 1) for first, last in trained_ranges]
+        turn_ends = [end - 1 for end in turn_ends]
     labels = [IGNORE_INDEX] * len(ids)
-    for start_char, end_char in trained_chars:
-        first = _token_at(encoding, start_char, end_char, forward=True)
-        if first is not None:
-            last = _token_at(encoding, start_char, end_char, forward=False)
-            labels[first - skip:last + 1 - skip] = ids[first - skip:last + 1 - skip]
-    if layout.final_eos and ends_with_answer:
-        ids = ids + [layout.tokenizer.eos_token_id]
-        labels.append(layout.tokenizer.eos_token_id)
-    turn_ends = [_token_end(encoding, char) - skip for char in end_chars[:-1]] + [len(ids)] * bool(end_chars)
-    trained = len(labels) - labels.count(IGNORE_INDEX)
+    trained = 0
+    for first, last in trained_ranges:
+        labels[first:last] = ids[first:last]
+        trained += last - first
+    if eos is not None:
+        ids.append(eos)
+        labels.append(eos)
+        trained += 1
+    if turn_ends:  # the last message's turn runs to the end of the sample
+        turn_ends[-1] = len(ids)
     sample = RenderedSample(ids, labels, len(ids), trained, 0, turn_ends)
     if max_length is not None and len(ids) > max_length:
         sample.input_ids, sample.labels = ids[:max_length], labels[:max_length]
-        if truncation == "drop":
+        if drop:
             sample.labels = [IGNORE_INDEX] * max_length
         sample.trained_tokens_lost = trained - (max_length - sample.labels.count(IGNORE_INDEX))
     return sample
+
+
+def _drop_double_bos(ids: list[int], bos: int | None) -> bool:
+    """Keep one ``<s>`` when both the template and the tokenizer put it first; True if one was dropped."""
+    if len(ids) > 1 and ids[0] == ids[1] == bos:
+        del ids[0]
+        return True
+    return False
 
 
 def _token_at(encoding: Any, start: int, end: int, *, forward: bool) -> int | None:

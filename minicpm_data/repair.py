@@ -28,15 +28,22 @@ REPAIRS = ("drop tool turns", "strip whitespace", "drop empty turns", "merge sam
 Messages = list[Message]
 
 
-def _strip(messages: Messages) -> Messages:
-    return [m if m.content == (stripped := m.content.strip()) else Message(m.role, stripped) for m in messages]
+# Each step returns the repaired turns, or None when it has nothing to repair.
 
 
-def _drop_empty(messages: Messages) -> Messages:
-    return [m for m in messages if m.content.strip()]
+def _strip(messages: Messages) -> Messages | None:
+    stripped = [m if (text := m.content.strip()) == m.content else Message(m.role, text) for m in messages]
+    return stripped if any(new is not old for new, old in zip(stripped, messages)) else None
 
 
-def _merge_same_role(messages: Messages) -> Messages:
+def _drop_empty(messages: Messages) -> Messages | None:
+    kept = [m for m in messages if m.content.strip()]
+    return kept if len(kept) < len(messages) else None
+
+
+def _merge_same_role(messages: Messages) -> Messages | None:
+    if all(a.role != b.role for a, b in zip(messages, messages[1:])):
+        return None
     merged: Messages = []
     for message in messages:
         if merged and merged[-1].role == message.role:
@@ -46,22 +53,22 @@ def _merge_same_role(messages: Messages) -> Messages:
     return merged
 
 
-def _drop_leading_assistant(messages: Messages) -> Messages:
+def _drop_leading_assistant(messages: Messages) -> Messages | None:
     start = 1 if messages and messages[0].role == "system" else 0
     if len(messages) > start and messages[start].role == "assistant":
         return messages[:start] + messages[start + 1:]
-    return messages
+    return None
 
 
-def _drop_trailing_user(messages: Messages) -> Messages:
-    return messages[:-1] if messages and messages[-1].role == "user" else messages
+def _drop_trailing_user(messages: Messages) -> Messages | None:
+    return messages[:-1] if messages and messages[-1].role == "user" else None
 
 
 def _drop_tools(messages: Messages) -> Messages:
     return [m for m in messages if m.role != TOOL_ROLE]
 
 
-_STEPS: tuple[tuple[str, Callable[[Messages], Messages]], ...] = (
+_STEPS: tuple[tuple[str, Callable[[Messages], Messages | None]], ...] = (
     ("strip whitespace", _strip),
     ("drop empty turns", _drop_empty),
     ("merge same-role turns", _merge_same_role),
@@ -107,7 +114,7 @@ def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str =
         if verbatim and kind == "strip whitespace":
             continue
         repaired = step(messages)
-        if repaired != messages:
+        if repaired is not None:
             if not repair:
                 raise RecordRejected("needs repair", kind)
             applied.append(kind)

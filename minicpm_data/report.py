@@ -28,11 +28,12 @@ def _num(value: float) -> str:
 def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: str) -> Table:
     """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
     first = all_stats[0]
-    table = Table(title=f"tokenizer {tokenizer_name} · layout {template} · model_max_length {first.model_max_length}"
-                  f" · truncation {first.truncation}", title_justify="left", header_style="bold")
+    table = Table(title=Text(f"tokenizer {tokenizer_name} · layout {template} · model_max_length "
+                             f"{first.model_max_length} · truncation {first.truncation}"),
+                  title_justify="left", header_style="bold")
     table.add_column("")
     for stats in all_stats:
-        table.add_column(Path(stats.file).name, justify="right")
+        table.add_column(Text(Path(stats.file).name), justify="right")
 
     def row(label: str, cell) -> None:
         table.add_row(label, *(cell(stats) for stats in all_stats))
@@ -77,25 +78,28 @@ def suggestion_text(stats: FileStats) -> Text:
                 f"samples are longer (longest {stats.tokens.max:,}).")
 
 
-def histogram(stats: FileStats) -> Table:
-    """Length histogram in the terminal; bins past model_max_length are red."""
+def histogram(stats: FileStats) -> Group:
+    """Length histogram in the terminal, on whole-token bins with model_max_length as a bin edge:
+    green bins fit, red bins are longer than model_max_length."""
     import numpy as np
 
-    limit = stats.model_max_length
-    low, top = min(stats.tokens.min, limit), max(stats.tokens.max, limit) + 1
-    counts, edges = np.histogram(stats.lengths, bins=HISTOGRAM_BINS, range=(low, top))
-    table = Table(title=f"{Path(stats.file).name}: tokens per sample (red: longer than model_max_length {limit})",
-                  title_justify="left", show_header=False, box=None, pad_edge=False)
-    table.add_column(justify="right")
-    table.add_column()
-    table.add_column(justify="right")
-    peak = max(int(counts.max()), 1)
-    for count, low, high in zip(counts, edges[:-1], edges[1:]):
+    limit, lengths = stats.model_max_length, stats.lengths
+    low, top = min(stats.tokens.min, limit), max(stats.tokens.max, limit)
+    width = max(1, -(-(top - low + 1) // HISTOGRAM_BINS))
+    first_edge = limit - -(-(limit - low + 1) // width) * width  # bins are (edge, edge + width]
+    edges = np.arange(first_edge, top + width, width)
+    counts = np.bincount(np.searchsorted(edges, lengths, side="left"), minlength=len(edges))[1:]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for justify in ("right", "left", "right", "left"):
+        table.add_column(justify=justify)
+    peak = max(int(counts.max()), 1) if len(counts) else 1
+    for count, edge in zip(counts, edges[:-1]):
         bar = "█" * int(round(BAR_WIDTH * count / peak)) or ("▏" if count else "")
-        style = "red" if low > limit else "yellow" if limit < high else "green"
-        marker = f" ← {limit}" if low <= limit < high else ""
-        table.add_row(f"{low:,.0f}-{high:,.0f}", Text(bar, style=style), f"{count:,}{marker}")
-    return table
+        label = f"{edge + 1:,}" if width == 1 else f"{edge + 1:,}-{edge + width:,}"
+        marker = f"← model_max_length {limit}" if edge + width == limit else ""
+        table.add_row(label, Text(bar, style="red" if edge >= limit else "green"), f"{count:,}", marker)
+    title = Text(f"{Path(stats.file).name}: tokens per sample (red: longer than model_max_length)", style="bold")
+    return Group(title, table)
 
 
 def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
@@ -147,14 +151,15 @@ def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: 
     if cut.truncated:
         title += (f"; over {kept:,}: {cut.trained_tokens_lost:,} trained tokens cut"
                   + ("" if cut.trainable else ", never trained"))
-    turns = Table(title=title, title_justify="left", header_style="bold")
+    turns = Table(title=Text(title), title_justify="left", header_style="bold")
     for name in ("turn", "role", "tokens", "trained", "content"):
         turns.add_column(name, justify="left" if name in ("role", "content") else "right",
-                         overflow="ellipsis", no_wrap=name == "content", max_width=60)
+                         overflow="ellipsis", no_wrap=name == "content", max_width=60,
+                         min_width=9 if name == "role" else None)
     start = 0
     for number, (message, end) in enumerate(zip(conversation.messages, full.turn_ends)):
         trained = sum(label != -100 for label in cut.labels[start:min(end, kept)])
-        turns.add_row(str(number), message.role, f"{end - start:,}", f"{trained:,}", repr(message.content))
+        turns.add_row(str(number), Text(message.role), f"{end - start:,}", f"{trained:,}", Text(repr(message.content)))
         start = end
     legend = Text.assemble(("trained", TRAINED_STYLE), "  ", ("not trained", PROMPT_STYLE), "  ",
                            ("cut by truncation", CUT_STYLE))

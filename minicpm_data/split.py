@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm_data.errors import InputError
-from minicpm_data.io import output_format, read_records, record_writer
+from minicpm_data.io import output_format, iter_raw_records, record_writer
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ def split_file(path: str | Path, out_dir: str | Path, *, dev_ratio: float = 0.1,
     train_path, dev_path = out_dir / f"train.{fmt}", out_dir / f"dev.{fmt}"
     if path.resolve() in (train_path.resolve(), dev_path.resolve()):
         raise InputError(f"{path}: the split would overwrite its own input; choose another -o folder")
-    count = sum(1 for _ in read_records(path))
+    count = sum(1 for _ in iter_raw_records(path))
     chosen = dev_indices(count, dev_ratio, seed)
     with record_writer(train_path, fmt) as train, record_writer(dev_path, fmt) as dev:
-        for record in read_records(path):
+        for record in iter_raw_records(path):
             (dev if record.index in chosen else train).write(record.data)
     return SplitResult(str(train_path), str(dev_path), train.count, dev.count)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
@@ -88,40 +89,51 @@ class FileStats:
         }
 
 
+def read_all(path: str | Path) -> list[Conversation]:
+    """Every conversation of a target-format file, read with the garbage collector paused (much faster)."""
+    from minicpm_data.io import read_conversations
+    from minicpm_data.render import gc_paused
+
+    with gc_paused():
+        return [conversation for _, conversation in read_conversations(path)]
+
+
 def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: Any, *, model_max_length: int,
                   template: str | None = None, truncation: str = "right", batch_size: int = 8,
                   on_progress: Callable[[int], None] | None = None) -> FileStats:
     """Render every conversation once (batched) and reduce the samples to :class:`FileStats`."""
     import numpy as np
 
-    from minicpm_data.render import BATCH_SIZE, render_many
+    from minicpm_data.render import BATCH_SIZE, gc_paused, render_many
 
     count = len(conversations)
-    full, trained, lost, kept, trainable = (np.zeros(count, dtype=np.int64) for _ in range(5))
-    overhead_by_shape: dict[tuple[str, ...], int] = {}
-    overhead = 0
+    full, trained, lost = (np.zeros(count, dtype=np.int64) for _ in range(3))
+    with gc_paused():
+        for start in range(0, count, BATCH_SIZE):
+            chunk = conversations[start:start + BATCH_SIZE]
+            samples = render_many(chunk, tokenizer, template=template, max_length=model_max_length,
+                                  truncation=truncation)
+            where = slice(start, start + len(chunk))
+            full[where] = [sample.num_tokens for sample in samples]
+            trained[where] = [sample.trained_tokens for sample in samples]
+            lost[where] = [sample.trained_tokens_lost for sample in samples]
+            if on_progress is not None:
+                on_progress(len(chunk))
+        shapes = Counter(tuple(m.role for m in conversation.messages) for conversation in conversations)
     roles: Counter = Counter()
-    for start in range(0, count, BATCH_SIZE):
-        chunk = conversations[start:start + BATCH_SIZE]
-        samples = render_many(chunk, tokenizer, template=template, max_length=model_max_length,
-                              truncation=truncation)
-        for offset, (conversation, sample) in enumerate(zip(chunk, samples)):
-            i = start + offset
-            full[i], trained[i], lost[i] = sample.num_tokens, sample.trained_tokens, sample.trained_tokens_lost
-            kept[i], trainable[i] = len(sample.input_ids), sample.trainable
-            shape = tuple(m.role for m in conversation.messages)
-            if shape not in overhead_by_shape:
-                overhead_by_shape[shape] = _layout_tokens(shape, tokenizer, template)
-            overhead += overhead_by_shape[shape]
-            roles.update(shape)
-        if on_progress is not None:
-            on_progress(len(chunk))
-    turns = np.array([len(c.messages) for c in conversations], dtype=np.int64)
-    keep = trainable.astype(bool)
+    overhead = 0
+    turn_counts = []
+    for shape, times in shapes.items():
+        roles.update({role: times * shape.count(role) for role in set(shape)})
+        overhead += times * _layout_tokens(shape, tokenizer, template)
+        turn_counts += [len(shape)] * times
+    keep = trained > lost  # RenderedSample.trainable
+    kept = np.minimum(full, model_max_length)  # both policies cut input_ids to model_max_length
     return FileStats(
         file=file, records=count, model_max_length=model_max_length, truncation=truncation,
-        batch_size=batch_size, roles=roles, turns=Distribution.of(turns), tokens=Distribution.of(full),
-        trained=Distribution.of(trained), template_overhead=overhead / count if count else 0.0,
+        batch_size=batch_size, roles=roles, turns=Distribution.of(np.array(turn_counts, dtype=np.int64)),
+        tokens=Distribution.of(full), trained=Distribution.of(trained),
+        template_overhead=overhead / count if count else 0.0,
         over_max_length=int((full > model_max_length).sum()),
         labels_partly_truncated=int(((lost > 0) & keep).sum()),
         labels_fully_truncated=int(((trained > 0) & ~keep).sum()),

@@ -64,17 +64,19 @@ def turn_problems(roles: Sequence[str]) -> list[tuple[int | None, str]]:
         for position, role in enumerate(roles)
         if role == "system" and position > 0
     ]
-    start = 1 if roles[0] == "system" else 0
-    for step, role in enumerate(roles[start:]):
+    # Misplaced system turns are reported above; the alternation is checked without them.
+    turns = [(position, role) for position, role in enumerate(roles) if role != "system"]
+    for step, (position, role) in enumerate(turns):
         expected = "user" if step % 2 == 0 else "assistant"
-        if role != expected and role != "system":
-            problems.append((start + step, f"turn is {role}, expected {expected}: after an optional system turn, "
-                                           "user and assistant alternate, starting with user"))
+        if role != expected:
+            problems.append((position, f"turn is {role}, expected {expected}: after an optional system turn, "
+                                       "user and assistant alternate, starting with user"))
             break
-    if len(roles) == start:
+    if not turns:
         problems.append((None, "no user or assistant turns"))
-    elif roles[-1] != "assistant":
-        problems.append((len(roles) - 1, f"last turn is {roles[-1]}; a conversation must end with an assistant turn"))
+    elif turns[-1][1] != "assistant":
+        position, role = turns[-1]
+        problems.append((position, f"last turn is {role}; a conversation must end with an assistant turn"))
     return problems
 
 
@@ -93,14 +95,16 @@ def _fits_schema(record: Any) -> bool:
 
 def record_problems(record: Any) -> list[tuple[str, str]]:
     """``(JSON pointer within the record, message)`` for everything wrong with one record."""
-    if not _fits_schema(record):
-        problems = [("".join(f"/{part}" for part in error.absolute_path), _schema_message(error))
-                    for error in _record_validator().iter_errors(record)]
-        if problems:
-            return sorted(problems)
-    roles = [message["role"] for message in record["messages"]]
-    return [(f"/messages/{position}" if position is not None else "/messages", message)
-            for position, message in turn_problems(roles)]
+    problems = [] if _fits_schema(record) else sorted(
+        ("".join(f"/{part}" for part in error.absolute_path), _schema_message(error))
+        for error in _record_validator().iter_errors(record))
+    messages = record.get("messages") if isinstance(record, dict) else None
+    # Turn order is checked whenever every role is readable, even if a content is wrong.
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) and m.get("role") in ROLES
+                                                       for m in messages):
+        problems += [(f"/messages/{position}" if position is not None else "/messages", message)
+                     for position, message in turn_problems([m["role"] for m in messages])]
+    return problems
 
 
 _PLAIN_SCHEMA_MESSAGES = {

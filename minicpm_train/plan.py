@@ -398,22 +398,6 @@ def settings_from_run(run, arch: Architecture, *, gpus: int) -> PlanSettings:
     )
 
 
-def parse_plan_args(argv: list[str]):
-    """``run``'s flags and ``--config`` resolved as ``run`` resolves them; plan needs only the model."""
-    from minicpm_train.args import ArgumentError, parse_run_args
-
-    try:
-        return parse_run_args(argv)
-    except ArgumentError as error:
-        message = str(error)
-        if not message.startswith("missing required flag") or "--model_name_or_path" in message:
-            raise
-    # Data and output folder play no part in memory: give placeholders for the ones neither the flags
-    # nor the --config file set (appending them overrides nothing).
-    missing = message.split(":", 1)[1].replace(" ", "").split(",")
-    return parse_run_args(argv + [token for flag in missing for token in (flag, "-")])
-
-
 def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib: float | None = None,
                    devices=None) -> PlanReport:
     """A plan for the run ``argv`` (or a guide ``script`` with ``argv`` over it) describes, on ``devices``
@@ -421,11 +405,11 @@ def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib
 
     With no GPU here, the GPUs ``--num_gpus`` / ``--include`` name are assumed (bf16-capable).
     """
-    from minicpm_train.args import resolve_script
+    from minicpm_train.args import parse_run_args, resolve_script
     from minicpm_train.launch import Device, decide, detect_devices
     from minicpm_train.model_sizes import resolve_architecture
 
-    run = resolve_script(script, argv)[1] if script else parse_plan_args(argv)
+    run = resolve_script(script, argv)[1] if script else parse_run_args(argv, require_data=False)
     devices = detect_devices() if devices is None else devices
     detected = bool(devices)
     if not detected:

@@ -40,10 +40,11 @@ def _free_port() -> int:
 
 
 def _deepspeed_single_process_env(master_port: int | None) -> None:
-    """DeepSpeed outside its launcher looks for MPI unless these are set."""
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", str(master_port or _free_port()))):
+    """DeepSpeed outside its launcher looks for MPI unless these are set (a launcher has set them)."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
+    if master_port or "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(master_port or _free_port())
 
 
 def _deepspeed_config(deepspeed: str | None) -> dict | None:

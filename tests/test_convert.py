@@ -145,3 +145,13 @@ def test_worker_processes_report_broken_lines(tmp_path):
     with pytest.raises(InputError, match="broken.jsonl:3001: invalid JSON"):
         convert_files([source], tmp_path / "out.jsonl", options=ConvertOptions(workers=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl"]
+
+
+def test_progress_reports_detection_then_counts(fixtures_dir, tmp_path, monkeypatch):
+    import minicpm_data.convert
+
+    monkeypatch.setattr(minicpm_data.convert, "PROGRESS_EVERY", 4)
+    calls = []
+    convert_files([fixtures_dir / "raw" / "alpaca.json"], tmp_path / "out.json",
+                  progress=lambda item: calls.append((item.format, item.detected, item.read)))
+    assert calls == [("alpaca", True, 0), ("alpaca", True, 4), ("alpaca", True, 8)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,8 +45,8 @@ def test_help_and_convert_import_neither_torch_nor_transformers(fixtures_dir, tm
 
 
 def test_console_script_error_is_one_line_without_traceback(fixtures_dir, tmp_path):
-    exe = __import__("shutil").which("minicpm-data") or str(__import__("pathlib").Path(sys.executable).parent / "minicpm-data")
-    result = subprocess.run([exe, "convert", str(fixtures_dir / "raw" / "broken.json"), "-o", str(tmp_path / "o.json")],
+    exe = Path(sys.executable).parent / "minicpm-data"  # the console script installed beside this Python
+    result = subprocess.run([str(exe), "convert", str(fixtures_dir / "raw" / "broken.json"), "-o", str(tmp_path / "o.json")],
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -61,6 +62,8 @@ def test_console_script_error_is_one_line_without_traceback(fixtures_dir, tmp_pa
     (["convert", "raw/absent.json"], "absent.json: no such file"),
     (["convert", "raw/alpaca.json", "--encoding", "klingon"], "unknown encoding 'klingon'"),
     (["split", "raw/alpaca.json", "--dev-ratio", "2"], "--dev-ratio must be between 0 and 1"),
+    (["convert", "raw/alpaca.json", "--tool-turns", "keep"], "unknown tool policy 'keep'"),
+    (["convert", "raw/alpaca.json", "--workers", "0"], "--workers must be 1 or more"),
 ])
 def test_bad_input_is_one_line_exit_1(capsys, fixtures_dir, tmp_path, argv, message):
     argv = [str(fixtures_dir / a) if a.startswith("raw/") else a for a in argv] + ["-o", str(tmp_path / "out.json")]
@@ -105,8 +108,8 @@ def test_validate_exit_codes_table_and_json(capsys, monkeypatch, fixtures_dir, t
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": ""}]}) + "\n")
     code, out, _ = run_cli(capsys, "validate", tmp_path / "good.json", bad)
-    row = next(line for line in out.splitlines() if "bad.jsonl" in line)
-    assert code == 1 and "1 problem" in out
+    row = next(line for line in out.splitlines() if "/messages/1/content" in line)
+    assert code == 1 and "3 problems" in out and "turn is user, expected assistant" in out
     assert all(cell in row for cell in ("│ 0 ", "│ 1 ", "/messages/1/content", "content is empty or only whitespace"))
     code, out, _ = run_cli(capsys, "validate", bad, "--json")
     problems = json.loads(out)["problems"]

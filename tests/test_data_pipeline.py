@@ -9,8 +9,6 @@ import pytest
 from minicpm_train.data import IGNORE_INDEX, DataError, PaddingCollator, load_supervised
 from train_helpers import MAX_LENGTH, TASK_TRAIN
 
-pytest_plugins = ["train_helpers"]
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):

@@ -32,7 +32,7 @@ def test_trained_spans_are_the_answers_and_their_ends(fixtures_dir, lengths_file
     answers = [m.content for m in conversation.messages if m.role == "assistant"]
     assert _styled_text(view, TRAINED_STYLE) == "".join(answer + "<|im_end|>" for answer in answers)
     turns = view.renderables[0]
-    assert [cell for cell in turns.columns[1].cells] == ["user", "assistant", "user", "assistant"]
+    assert [cell.plain for cell in turns.columns[1].cells] == ["user", "assistant", "user", "assistant"]
     counts = [int(cell.replace(",", "")) for cell in turns.columns[2].cells]
     trained = [int(cell.replace(",", "")) for cell in turns.columns[3].cells]
     assert sum(counts) == sample.num_tokens and sum(trained) == sample.trained_tokens
@@ -46,7 +46,7 @@ def test_truncated_part_is_struck(fixtures_dir, lengths_file):
     cut = render(conversation, tokenizer, max_length=full.num_tokens - 5)
     view = inspect_view(index, conversation, full, tokenizer, cut)
     assert _styled_text(view, CUT_STYLE) == tokenizer.decode(full.input_ids[-5:])
-    assert f"{cut.trained_tokens_lost} trained tokens cut" in view.renderables[0].title
+    assert f"{cut.trained_tokens_lost} trained tokens cut" in view.renderables[0].title.plain
 
 
 def test_cli_shows_several_samples(capsys, fixtures_dir, lengths_file):
@@ -55,6 +55,15 @@ def test_cli_shows_several_samples(capsys, fixtures_dir, lengths_file):
     assert code == 0, err
     assert "layout minicpm2" in out and "sample 1:" in out and "sample 2:" in out and "sample 3:" not in out
     assert "<用户>你好，世界！今天天气很好。<AI>" in out and "</s>" in out
+
+
+def test_markup_in_content_is_shown_verbatim(capsys, tmp_path, fixtures_dir):
+    data = tmp_path / "brackets.json"
+    data.write_text('[{"messages": [{"role": "user", "content": "pick [entailment, neutral] [bold]x[/bold]"}, '
+                    '{"role": "assistant", "content": "[red]neutral"}]}]', encoding="utf-8")
+    code, out, err = run_cli(capsys, "inspect", data, "--tokenizer", fixtures_dir / "tokenizers" / "chatml")
+    assert code == 0, err
+    assert "'pick [entailment, neutral] [bold]x[/bold]'" in out and "'[red]neutral'" in out
 
 
 def test_cli_real_tokenizer_and_missing_record(capsys, shared_dir, lengths_file):

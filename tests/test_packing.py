@@ -7,8 +7,6 @@ import pytest
 from minicpm_train.data import IGNORE_INDEX, PackingCollator, SupervisedDataset, pack
 from train_helpers import MAX_LENGTH, TASK_TRAIN
 
-pytest_plugins = ["train_helpers"]
-
 
 def _samples(tokenizer_dir, count=6):
     from minicpm_data.tokenizer import load_tokenizer

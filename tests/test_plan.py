@@ -242,6 +242,8 @@ def test_cli_json_and_errors(monkeypatch, capsys):
     assert code == 0 and "does not fit" in out and "try " in out
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "NoSuchModel-7B")
     assert code == 1 and err.count("\n") == 1 and "known MiniCPM" in err
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--bf16")
+    assert code == 1 and "--model_name_or_path" in err and "train_data_path" not in err
 
 
 def test_guide_script(fixtures_dir):

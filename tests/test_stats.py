@@ -75,6 +75,20 @@ def test_padding_and_suggestion():
     assert suggest_max_length(np.array([3])) == 64
 
 
+def test_histogram_bins_split_at_model_max_length(chatml, conversations):
+    from minicpm_data.report import histogram
+
+    limit = 30
+    stats = compute_stats("f", conversations * 3, chatml, model_max_length=limit)
+    table = histogram(stats).renderables[1]
+    labels, bars, counts = (list(column.cells) for column in table.columns[:3])
+    counts = [int(count.replace(",", "")) for count in counts]
+    assert sum(counts) == 15
+    over = sum(count for count, bar in zip(counts, bars) if bar.style == "red")
+    assert over == stats.over_max_length == sum(int(length) > limit for length in stats.lengths) > 0
+    assert all(int(label.split("-")[0]) > limit for label, bar in zip(labels, bars) if bar.style == "red")
+
+
 def test_progress_is_reported(chatml, conversations):
     seen = []
     compute_stats("f", conversations * 600, chatml, model_max_length=64, on_progress=seen.append)
@@ -87,7 +101,7 @@ def test_cli_tables_histogram_and_plot(capsys, fixtures_dir, lengths_file, tmp_p
                              fixtures_dir / "tokenizers" / "chatml", "--model-max-length", 64, "--plot", plot)
     assert code == 0, err
     for expected in ("lengths.json", "dev.json", "tokens per sample: p99", "lose all trained tokens",
-                     "padding to 64 (reference trainer)", "suggested model_max_length", "← 64"):
+                     "padding to 64 (reference trainer)", "suggested model_max_length", "← model_max_length 64"):
         assert expected in out
     import matplotlib.image
 

@@ -15,7 +15,6 @@ from transformers import TrainerCallback
 from minicpm_train.model import ModelError
 from train_helpers import (dev_batch, eval_losses, logits, reload_trained, run_in_process, task_argv)
 
-pytest_plugins = ["train_helpers"]
 
 STEPS = 16  # checkpoints and evaluations at 8 and 16
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from train_helpers import MAX_LENGTH, TASK_DEV, TASK_TRAIN
 
-pytest_plugins = ["train_helpers"]
 
 CLI = str(Path(sys.executable).with_name("minicpm-train"))
 GUIDE_SCRIPT = Path(__file__).resolve().parents[1] / "fixtures" / "scripts" / "lora_finetune_ocnli.sh"

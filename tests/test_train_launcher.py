@@ -19,7 +19,6 @@ import pytest
 
 from train_helpers import MAX_LENGTH, TASK_DEV, task_argv
 
-pytest_plugins = ["train_helpers"]
 
 CLI = str(Path(sys.executable).with_name("minicpm-train"))
 

@@ -39,6 +39,14 @@ def test_schema_is_valid_2020_12_and_in_the_repository(repo_root):
     assert Draft202012Validator(schema).is_valid([GOOD])
 
 
+def test_all_problems_of_a_record_are_reported(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([_msgs(("assistant", "hi"), ("user", " ")), _msgs(("user", "q"), ("system", "s"),
+                                                                               ("assistant", "a"))]))
+    assert [(p.index, p.pointer) for p in validate_file(path)] == [
+        (0, "/0/messages/1/content"), (0, "/0/messages/0"), (0, "/0/messages/1"), (1, "/1/messages/1")]
+
+
 def test_valid_file_has_no_problems(tmp_path):
     path = tmp_path / "good.json"
     path.write_text(json.dumps([GOOD, GOOD]))
@@ -59,9 +67,9 @@ def test_jsonl_problems_carry_the_line(tmp_path, record, pointer, message):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (GOOD, GOOD, record)) + "\n")
     problems = validate_file(path)
-    assert [(p.index, p.line) for p in problems] == [(2, 3)]
-    assert problems[0].pointer == pointer and message in problems[0].message
-    assert str(problems[0]).startswith(f"{path}:3 record 2 at {pointer}:")
+    assert problems and {(p.index, p.line) for p in problems} == {(2, 3)}
+    problem = next(p for p in problems if p.pointer == pointer and message in p.message)
+    assert str(problem).startswith(f"{path}:3 record 2 at {pointer}:")
 
 
 @pytest.mark.parametrize("name, content, message", [

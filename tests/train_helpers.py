@@ -50,13 +50,24 @@ def task_argv(model: Path, output_dir: Path, cache: Path, *extra: str, steps: in
 
 
 def run_in_process(argv: list[str], callbacks: tuple = ()):
-    """Parse, decide for this machine and train in this process, as ``minicpm-train run`` does."""
+    """Parse, decide for this machine and train in this process, as ``minicpm-train run`` does.
+
+    The run's environment (DeepSpeed's RANK / MASTER_PORT, a script's exports) is undone afterwards,
+    so it does not leak into later tests or the processes they start.
+    """
+    import os
+
     from minicpm_train.args import parse_run_args
     from minicpm_train.launch import plan_run
     from minicpm_train.recipe import train
 
-    run, _ = plan_run(parse_run_args(argv))
-    return train(run, callbacks=callbacks)
+    saved = dict(os.environ)
+    try:
+        run, _ = plan_run(parse_run_args(argv))
+        return train(run, callbacks=callbacks)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def eval_losses(log_history: list[dict]) -> list[float]:

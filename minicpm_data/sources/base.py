@@ -114,9 +114,10 @@ ROLE_ALIASES = {
 
 def role(name: Any) -> str:
     """The target role for a source's role name (case-insensitive); rejects unknown names."""
-    mapped = ROLE_ALIASES.get(name) if isinstance(name, str) else None
-    if mapped is None and isinstance(name, str):
-        mapped = ROLE_ALIASES.get(name.strip().lower())
+    try:
+        return ROLE_ALIASES[name]
+    except (KeyError, TypeError):  # not exactly a known name, or not hashable
+        mapped = ROLE_ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
     if mapped is None:
         raise RecordRejected("unknown role", repr(name))
     return mapped
