@@ -14,9 +14,10 @@ Both sides read the same 50,000 OCNLI-shaped records (built from ../shared/reald
 - ours: ``read_conversations`` + ``compute_stats`` (render_many: exact chat-template ids, labels,
   truncation; then every statistic of ``minicpm-data stats``).
 
-Printed: seconds and tokens per second of each, the speed-up, and the share of our run spent outside
-the tokenizers library (its batch encoding, the ids it returns and the offset look-ups that place the
-labels); the rest is reading the file, rendering the text, building labels and the statistics.
+Printed: seconds and tokens per second of each, the speed-up, and the share of our run's wall time
+during which no tokenizers-library work (batch encoding, the ids it returns, the offset look-ups that
+place the labels) was in flight. Rendering the next batch and building the previous batch's samples
+overlap the encoding (the tokenizer releases the GIL), so what remains outside is mostly reading the file.
 Skips with a message when ../shared is absent.
 """
 
@@ -118,12 +119,13 @@ def main() -> int:
         print(f"skipped: {SHARED} (real OCNLI data and MiniCPM4 tokenizer) is not present")
         return 0
     sys.path.insert(0, str(REPO))
+    from minicpm_data.io import write_records
     from minicpm_data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(TOKENIZER))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ocnli_chatml.json"
-        path.write_text(json.dumps(ocnli_records(args.records), ensure_ascii=False), encoding="utf-8")
+        write_records(path, ocnli_records(args.records))  # as `minicpm-data convert` writes: a record a line
         ours_seconds, read_seconds, encoding_seconds, stats = run_ours(path, tokenizer, args.model_max_length)
         reference_seconds, reference_tokens = run_reference(path, tokenizer, args.model_max_length)
     tokens = int(stats.lengths.sum())
@@ -135,9 +137,9 @@ def main() -> int:
           f"{tokens / ours_seconds:,.0f} tokens/s")
     print(f"speed-up: {reference_seconds / ours_seconds:.2f}x (target >= 1.5x)")
     outside = ours_seconds - encoding_seconds
-    print(f"inside the tokenizers library (batch encoding, ids, offsets): {encoding_seconds:.2f} s; outside: {outside:.2f} s "
-          f"= {outside / ours_seconds:.0%} of the stats run (target <= 20%), of which reading the file "
-          f"{read_seconds:.2f} s and rendering + statistics {outside - read_seconds:.2f} s "
+    print(f"tokenizers library at work (batch encoding, ids, offsets): {encoding_seconds:.2f} s; nothing encoding: "
+          f"{outside:.2f} s = {outside / ours_seconds:.0%} of the stats run (target <= 20%): reading the file "
+          f"{read_seconds:.2f} s, rendering + statistics not hidden behind encoding {outside - read_seconds:.2f} s "
           f"= {(outside - read_seconds) / ours_seconds:.0%}")
     return 0
 

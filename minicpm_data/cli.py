@@ -272,7 +272,8 @@ def inspect_command(
         full = render(conversation, loaded, template=template)
         cut = None if model_max_length is None else render(conversation, loaded, template=template,
                                                            max_length=model_max_length, truncation=truncation)
-        console.print(report.inspect_view(number, conversation, full, loaded, cut))
+        console.print(report.inspect_view(number, conversation, full, loaded, cut,
+                                          markers=console.color_system is None or console.no_color))
 
 
 if __name__ == "__main__":

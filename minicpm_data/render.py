@@ -29,9 +29,11 @@ import gc
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from functools import partial
+from itertools import accumulate, chain, islice
 from typing import Any
 
 from minicpm_data.conversation import Conversation
@@ -118,26 +120,39 @@ def render(conversation: Conversation, tokenizer: Any, *, template: str | None =
 def render_many(conversations: Iterable[Conversation], tokenizer: Any, *, template: str | None = None,
                 max_length: int | None = None, truncation: str = "right",
                 on_progress: Callable[[int], None] | None = None) -> list[RenderedSample]:
-    """Render conversations in batches (one tokenizer call per batch, on every core).
+    """Render conversations in batches (one tokenizer call per batch, on every core); see :func:`render_stream`."""
+    with gc_paused():
+        return list(render_stream(conversations, tokenizer, template=template, max_length=max_length,
+                                  truncation=truncation, on_progress=on_progress))
+
+
+def render_stream(conversations: Iterable[Conversation], tokenizer: Any, *, template: str | None = None,
+                  max_length: int | None = None, truncation: str = "right",
+                  on_progress: Callable[[int], None] | None = None) -> Iterator[RenderedSample]:
+    """Yield one :class:`RenderedSample` per conversation, in order, rendering lazily in batches.
 
     ``truncation="right"`` keeps the first ``max_length`` tokens; ``"drop"`` keeps no trained token of
     a sample longer than ``max_length``. Either way ``trained_tokens_lost`` counts what was cut and
     ``trainable`` is False when nothing trained is left. ``on_progress(n)`` is called after each batch.
+    While one batch is tokenized (the tokenizer releases the GIL and uses every core), the next is
+    rendered to text and the previous one turned into samples, so rendering stays off the critical path.
     """
     if truncation not in TRUNCATIONS:
         raise InputError(f"unknown truncation {truncation!r}: use one of {', '.join(TRUNCATIONS)}")
     layout = _layout(tokenizer, template)
-    samples: list[RenderedSample] = []
-    batch: list[Conversation] = []
-    with gc_paused():
-        for conversation in conversations:
-            batch.append(conversation)
-            if len(batch) == BATCH_SIZE:
-                samples += _render_batch(batch, layout, max_length, truncation, on_progress)
-                batch = []
-        if batch:
-            samples += _render_batch(batch, layout, max_length, truncation, on_progress)
-    return samples
+    finish = partial(_finish_batch, layout=layout, max_length=max_length, drop=truncation == "drop",
+                     on_progress=on_progress)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpm-tokenize") as tokenizer_thread:
+        pending = None
+        for batch in _batched(conversations, BATCH_SIZE):
+            with gc_paused():
+                texts, plans = _prepare_batch(batch, layout)
+            tokenized = tokenizer_thread.submit(_tokenize, layout, texts, plans)
+            if pending is not None:
+                yield from finish(*pending)
+            pending = (tokenized, plans)
+        if pending is not None:
+            yield from finish(*pending)
 
 
 def render_prompt(conversation: Conversation, tokenizer: Any, template: str | None = None) -> list[int]:
@@ -300,8 +315,14 @@ def _join(parts: Sequence[str], contents: Sequence[str]) -> str:
     return "".join(chain.from_iterable(zip(parts, contents))) + parts[-1]
 
 
-def _render_batch(conversations: list[Conversation], layout: _Layout, max_length: int | None,
-                  truncation: str, on_progress: Callable[[int], None] | None) -> list[RenderedSample]:
+def _batched(items: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _prepare_batch(conversations: list[Conversation], layout: _Layout) -> tuple[list[str], list[tuple]]:
+    """The text of each conversation, and where its trained spans and its messages end (characters)."""
     texts, plans = [], []
     shapes, shape_of = layout.shapes, layout.shape
     for conversation in conversations:
@@ -314,10 +335,15 @@ def _render_batch(conversations: list[Conversation], layout: _Layout, max_length
         before = [0, *accumulate(map(len, contents))]
         ends = [base + length for base, length in zip(shape.ends, before[1:])]
         plans.append(([(shape.starts[i] + before[i], ends[i]) for i in shape.trained], ends, shape.final_eos))
-    tokenized = _tokenize(layout, texts, plans)
+    return texts, plans
+
+
+def _finish_batch(tokenized: Future, plans: list[tuple], *, layout: _Layout, max_length: int | None, drop: bool,
+                  on_progress: Callable[[int], None] | None) -> list[RenderedSample]:
     eos = layout.tokenizer.eos_token_id if layout.final_eos else None
-    samples = [_sample(*tokens, eos if final_eos else None, layout.bos_id, max_length, truncation == "drop")
-               for tokens, (_, _, final_eos) in zip(tokenized, plans)]
+    with gc_paused():
+        samples = [_sample(*tokens, eos if final_eos else None, layout.bos_id, max_length, drop)
+                   for tokens, (_, _, final_eos) in zip(tokenized.result(), plans)]
     if on_progress is not None:
         on_progress(len(samples))
     return samples

@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from minicpm_data.errors import InputError
 from minicpm_data.stats import FileStats
 
 HISTOGRAM_BINS = 16
@@ -83,6 +84,8 @@ def histogram(stats: FileStats) -> Group:
     green bins fit, red bins are longer than model_max_length."""
     import numpy as np
 
+    if not stats.records:
+        return Group(Text(f"{Path(stats.file).name}: no records"))
     limit, lengths = stats.model_max_length, stats.lengths
     low, top = min(stats.tokens.min, limit), max(stats.tokens.max, limit)
     width = max(1, -(-(top - low + 1) // HISTOGRAM_BINS))
@@ -124,16 +127,22 @@ def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
     axes.legend()
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
-    plt.close(figure)
+    try:
+        figure.savefig(path)
+    except (OSError, ValueError) as error:  # missing folder, no write permission, unknown image format
+        raise InputError(f"cannot write plot {path}: {error}") from None
+    finally:
+        plt.close(figure)
     return path
 
 
-def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: Any = None) -> Group:
+def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: Any = None, *,
+                 markers: bool = False) -> Group:
     """The "what will the model learn" view of one sample.
 
     ``full`` is the untruncated rendering, ``cut`` the same sample under the truncation policy (if any):
     trained tokens are highlighted, tokens cut by truncation struck out, with per-turn token counts.
+    ``markers`` also writes ⟦trained⟧ and ✂ before the cut, for output without colours.
     """
     cut = cut or full
     ids, kept = full.input_ids, len(cut.input_ids)
@@ -146,6 +155,10 @@ def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: 
         upto = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         piece, decoded = upto[len(decoded):], upto
         style = CUT_STYLE if start >= kept else TRAINED_STYLE if labels[start] != -100 else PROMPT_STYLE
+        if markers and start == kept:
+            text.append("✂", style=CUT_STYLE)
+        if markers and style == TRAINED_STYLE:
+            piece = f"⟦{piece}⟧"
         text.append(piece, style=style)
     title = f"sample {index}: {full.num_tokens:,} tokens, {full.trained_tokens:,} trained"
     if cut.truncated:
@@ -161,6 +174,7 @@ def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: 
         trained = sum(label != -100 for label in cut.labels[start:min(end, kept)])
         turns.add_row(str(number), Text(message.role), f"{end - start:,}", f"{trained:,}", Text(repr(message.content)))
         start = end
-    legend = Text.assemble(("trained", TRAINED_STYLE), "  ", ("not trained", PROMPT_STYLE), "  ",
-                           ("cut by truncation", CUT_STYLE))
+    legend = Text.assemble(("⟦trained⟧" if markers else "trained", TRAINED_STYLE), "  ",
+                           ("not trained", PROMPT_STYLE), "  ", ("✂ cut by truncation" if markers else
+                                                                 "cut by truncation", CUT_STYLE))
     return Group(turns, legend, text, Text(""))

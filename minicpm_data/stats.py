@@ -104,22 +104,18 @@ def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: A
     """Render every conversation once (batched) and reduce the samples to :class:`FileStats`."""
     import numpy as np
 
-    from minicpm_data.render import BATCH_SIZE, gc_paused, render_many
+    from minicpm_data.render import gc_paused, render_stream
 
     count = len(conversations)
-    full, trained, lost = (np.zeros(count, dtype=np.int64) for _ in range(3))
+    full, trained, lost = [], [], []
     with gc_paused():
-        for start in range(0, count, BATCH_SIZE):
-            chunk = conversations[start:start + BATCH_SIZE]
-            samples = render_many(chunk, tokenizer, template=template, max_length=model_max_length,
-                                  truncation=truncation)
-            where = slice(start, start + len(chunk))
-            full[where] = [sample.num_tokens for sample in samples]
-            trained[where] = [sample.trained_tokens for sample in samples]
-            lost[where] = [sample.trained_tokens_lost for sample in samples]
-            if on_progress is not None:
-                on_progress(len(chunk))
+        for sample in render_stream(conversations, tokenizer, template=template, max_length=model_max_length,
+                                    truncation=truncation, on_progress=on_progress):
+            full.append(sample.num_tokens)
+            trained.append(sample.trained_tokens)
+            lost.append(sample.trained_tokens_lost)
         shapes = Counter(tuple(m.role for m in conversation.messages) for conversation in conversations)
+    full, trained, lost = (np.array(values, dtype=np.int64) for values in (full, trained, lost))
     roles: Counter = Counter()
     overhead = 0
     turn_counts = []

@@ -46,6 +46,9 @@ def test_truncated_part_is_struck(fixtures_dir, lengths_file):
     cut = render(conversation, tokenizer, max_length=full.num_tokens - 5)
     view = inspect_view(index, conversation, full, tokenizer, cut)
     assert _styled_text(view, CUT_STYLE) == tokenizer.decode(full.input_ids[-5:])
+    marked = inspect_view(index, conversation, full, tokenizer, cut, markers=True).renderables[2].plain
+    assert marked.replace("⟦", "").replace("⟧", "").replace("✂", "") == view.renderables[2].plain
+    assert marked.count("⟦") == 2 and marked.index("✂") > marked.rindex("⟦")
     assert f"{cut.trained_tokens_lost} trained tokens cut" in view.renderables[0].title.plain
 
 
@@ -54,7 +57,8 @@ def test_cli_shows_several_samples(capsys, fixtures_dir, lengths_file):
                              "--index", 1, "-n", 2)
     assert code == 0, err
     assert "layout minicpm2" in out and "sample 1:" in out and "sample 2:" in out and "sample 3:" not in out
-    assert "<用户>你好，世界！今天天气很好。<AI>" in out and "</s>" in out
+    # No colours here, so markers; the fixture merges ">你" across <AI>'s edge: that token is trained.
+    assert "<用户>你好，世界！今天天气很好。<AI⟦>你好" in out and "</s>⟧" in out
 
 
 def test_markup_in_content_is_shown_verbatim(capsys, tmp_path, fixtures_dir):
@@ -63,7 +67,8 @@ def test_markup_in_content_is_shown_verbatim(capsys, tmp_path, fixtures_dir):
                     '{"role": "assistant", "content": "[red]neutral"}]}]', encoding="utf-8")
     code, out, err = run_cli(capsys, "inspect", data, "--tokenizer", fixtures_dir / "tokenizers" / "chatml")
     assert code == 0, err
-    assert "'pick [entailment, neutral] [bold]x[/bold]'" in out and "'[red]neutral'" in out
+    assert "pick [entailment, neutral] [bold]x[/bold]<|im_end|>" in out and "[red]neutral<|im_end|>" in out
+    assert "'pick [entailment" in out and "'[red]neutral'" in out  # the per-turn table too
 
 
 def test_cli_real_tokenizer_and_missing_record(capsys, shared_dir, lengths_file):

@@ -6,7 +6,8 @@ import pytest
 
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.errors import InputError, TokenizerError
-from minicpm_data.render import (IGNORE_INDEX, detect_template, render, render_many, render_prompt)
+from minicpm_data.render import (IGNORE_INDEX, MINICPM_CHATML_TEMPLATE, detect_template, render, render_many,
+                                  render_prompt)
 from minicpm_data.tokenizer import load_tokenizer
 
 
@@ -40,10 +41,10 @@ def fixture_tokenizers(fixtures_dir):
     return {name: load_tokenizer(str(fixtures_dir / "tokenizers" / name)) for name in ("chatml", "minicpm2")}
 
 
-def _template_ids(tokenizer, conversation, generation_prompt=False):
+def _template_ids(tokenizer, conversation, generation_prompt=False, template=None):
     """The oracle: render with the tokenizer's own template, tokenize with its defaults."""
     text = tokenizer.apply_chat_template([m.to_dict() for m in conversation.messages], tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+                                         add_generation_prompt=generation_prompt, chat_template=template)
     return text, tokenizer(text)["input_ids"]
 
 
@@ -51,12 +52,12 @@ CHATML_HEADER = "<|im_start|>{role}\n"
 MINICPM2_HEADER = {"system": "", "user": "<用户>", "assistant": "<AI>"}
 
 
-def _expected_labels(tokenizer, conversation, closing):
+def _expected_labels(tokenizer, conversation, closing, template=None):
     """Independent oracle for labels: tokens whose offsets overlap an answer (+ closing) span.
 
     Each content is found in the template's text right after its role header, after the previous one.
     """
-    text, _ = _template_ids(tokenizer, conversation)
+    text, _ = _template_ids(tokenizer, conversation, template=template)
     spans, cursor = [], 0
     for message in conversation.messages:
         header = CHATML_HEADER.format(role=message.role) if closing else MINICPM2_HEADER[message.role]
@@ -154,9 +155,18 @@ def test_minicpm2_layout(fixture_tokenizers):
     assert text == "You are a helpful assistant.<用户>What is 2+2?<AI>4"
 
 
-def test_render_prompt_ends_with_generation_prompt(fixture_tokenizers, real_tokenizers):
-    prompt = conv(("system", "s"), ("user", "你好 😀"))
-    for tokenizer in [*fixture_tokenizers.values(), *real_tokenizers.values()]:
+PROMPT = conv(("system", "s"), ("user", "你好 😀"))
+
+
+def test_render_prompt_matches_real_templates(real_tokenizers):
+    for tokenizer in real_tokenizers.values():
+        _, expected = _template_ids(tokenizer, PROMPT, generation_prompt=True)
+        assert render_prompt(PROMPT, tokenizer) == expected
+
+
+def test_render_prompt_ends_with_generation_prompt(fixture_tokenizers):
+    prompt = PROMPT
+    for tokenizer in fixture_tokenizers.values():
         _, expected = _template_ids(tokenizer, prompt, generation_prompt=True)
         assert render_prompt(prompt, tokenizer) == expected
     chatml = fixture_tokenizers["chatml"]
@@ -239,3 +249,19 @@ def test_template_that_rewrites_content_is_refused(fixture_tokenizers):
             render(conv(("user", " padded "), ("assistant", "x")), tokenizer, template="chatml")
     finally:
         tokenizer.chat_template = original
+
+
+def test_forced_layouts(fixture_tokenizers):
+    """--template minicpm2 equals detection; chatml forced on a template-less tokenizer uses MiniCPM's template."""
+    minicpm2, chatml = fixture_tokenizers["minicpm2"], fixture_tokenizers["chatml"]
+    assert render(CASES[2], minicpm2, template="minicpm2").labels == render(CASES[2], minicpm2).labels
+    original = chatml.chat_template
+    chatml.chat_template = None
+    try:
+        sample = render(CASES[1], chatml, template="chatml")
+    finally:
+        chatml.chat_template = original
+    text = chatml.apply_chat_template([m.to_dict() for m in CASES[1].messages], tokenize=False,
+                                      chat_template=MINICPM_CHATML_TEMPLATE)
+    assert not text.startswith("<s>") and sample.input_ids == chatml(text)["input_ids"]
+    assert sample.labels == _expected_labels(chatml, CASES[1], "<|im_end|>", template=MINICPM_CHATML_TEMPLATE)

@@ -155,3 +155,17 @@ def test_cli_hub_id_offline(capsys, monkeypatch, lengths_file):
     code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", "openbmb/MiniCPM4-8B")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "could not fetch openbmb/MiniCPM4-8B from the hub" in err and "local model folder" in err
+
+
+def test_empty_file_and_unwritable_plot(capsys, tmp_path, fixtures_dir, lengths_file):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]", encoding="utf-8")
+    tokenizer = ["--tokenizer", fixtures_dir / "tokenizers" / "chatml"]
+    code, out, err = run_cli(capsys, "stats", empty, *tokenizer, "--json")
+    assert code == 0, err
+    [entry] = json.loads(out)
+    assert entry["records"] == entry["total_tokens"] == entry["over_max_length"] == 0
+    code, out, err = run_cli(capsys, "stats", empty, *tokenizer)
+    assert code == 0 and "empty.json: no records" in out
+    code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", tmp_path / "missing" / "x.png")
+    assert code == 1 and "cannot write plot" in err and len(err.strip().splitlines()) == 1
