@@ -1,6 +1,6 @@
 """Supervised tokens per second: `minicpm-train run` against the reference padding-to-max approach.
 
-    .venv/bin/python bench/bench_train.py [--samples 256] [--batch 16]
+    .venv/bin/python bench/bench_train.py [--samples 1024] [--batch 16]
 
 Same tiny model (a random-init MiniCPM5-style Llama from fixtures/build_tiny_models.py), the same
 OCNLI-shaped data (fixtures/train/build_task.py), model_max_length 1024, one epoch each, in this run.
@@ -70,7 +70,7 @@ def _reference_run(model_dir: Path, dataset, pad_token_id: int, out: Path, batch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1024)  # enough steps that start-up costs do not dominate
     parser.add_argument("--batch", type=int, default=16)
     options = parser.parse_args()
 

@@ -7,36 +7,24 @@ Keep module-level imports light: `minicpm-data --help` must not import torch or 
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from minicpm_data.errors import MinicpmError
+from minicpm_data.cli_app import err_console, make_app, run_app
 
-app = typer.Typer(
-    name="minicpm-data",
-    help="Convert raw chat data to MiniCPM's messages format, validate it, split it, and measure it.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = make_app("minicpm-data", "Convert raw chat data to MiniCPM's messages format, validate it, split it, and measure it.")
 console = Console()
-err_console = Console(stderr=True)
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning library errors into one-line messages."""
-    try:
-        app()
-    except MinicpmError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    """Console-script entry: library errors become one-line messages, exit code 1."""
+    run_app(app)
 
 
-# --- convert / validate / split (issue: data conversion) ---------------------------------------
+# --- convert / validate / split ---------------------------------------
 
-from pathlib import Path  # noqa: E402 (here, not at the top: Typer reads command annotations from module globals)
 
 _MAX_PROBLEM_ROWS = 200
 
@@ -184,7 +172,7 @@ def split_command(
         console.print(f"dev: {result.dev} records -> {escape(result.dev_path)}")
 
 
-# --- stats / inspect (issue: rendering and statistics) ------------------------------------------
+# --- stats / inspect ------------------------------------------
 
 _TOKENIZER_HELP = "Local model folder (offline; custom auto_map code is never run) or hub id."
 _TEMPLATE_HELP = "Chat layout: chatml (MiniCPM3/4/4.1/SALA/5) or minicpm2 (<用户>/<AI>). Default: detected."
@@ -260,13 +248,14 @@ def inspect_command(
     from itertools import islice
 
     from minicpm_data import report
+    from minicpm_data.errors import InputError
     from minicpm_data.io import read_conversations
     from minicpm_data.render import render
 
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
     chosen = list(islice(read_conversations(file), index, index + count))
     if not chosen:
-        raise MinicpmError(f"{file} has no record {index}")
+        raise InputError(f"{file} has no record {index}")
     console.print(f"layout {template}; tokenizer {tokenizer}", style="bold", markup=False, highlight=False)
     for number, conversation in chosen:
         full = render(conversation, loaded, template=template)

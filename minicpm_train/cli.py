@@ -7,34 +7,23 @@ Heavy libraries are imported inside the commands that need them.
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from minicpm_data.errors import MinicpmError
+from minicpm_data.cli_app import err_console, make_app, run_app
 
-app = typer.Typer(
-    name="minicpm-train",
-    help="Train MiniCPM on minicpm-data output; plan memory, check the machine, merge, chat, evaluate.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = make_app("minicpm-train", "Train MiniCPM on minicpm-data output; plan memory, check the machine, merge, chat, evaluate.")
 console = Console()
-err_console = Console(stderr=True)
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning library errors into one-line messages."""
-    try:
-        app()
-    except MinicpmError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    """Console-script entry: library errors become one-line messages, exit code 1."""
+    run_app(app)
 
 
-# --- run (issue: training) -----------------------------------------------------------------------
+# --- run -----------------------------------------------------------------------
 
 
 def _show_script(script) -> None:
@@ -66,7 +55,6 @@ def run_command(
 ) -> None:
     import json
     import logging
-    from pathlib import Path
 
     from rich.markup import escape
 
@@ -106,7 +94,7 @@ def run_command(
     console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
 
 
-# --- plan / doctor / merge / chat / eval (issue: before and after training) ------------------------
+# --- plan / doctor / merge / chat / eval ------------------------
 
 _VERDICT_STYLE = {"fits": "green", "tight": "yellow", "does not fit": "red", "unknown": "dim",
                   "ok": "green", "warn": "yellow", "fail": "red", "info": "dim"}
@@ -360,7 +348,6 @@ def eval_command(
     trust_remote_code: bool = _TRUST,
 ) -> None:
     import json
-    from pathlib import Path
 
     from rich.progress import Progress
 

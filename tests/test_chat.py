@@ -15,7 +15,6 @@ import pytest
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.errors import MinicpmError
 
-pytest_plugins = ["train_helpers"]
 
 CLI = [sys.executable, "-m", "minicpm_train.cli", "chat"]
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]

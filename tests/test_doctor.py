@@ -78,7 +78,7 @@ def test_broken_setups_fail():
 
 
 def test_this_machine_and_the_command(monkeypatch, capsys):
-    from test_plan import run_cli
+    from train_helpers import run_cli
 
     env = gather()
     assert env.torch and env.packages["transformers"]

@@ -10,7 +10,6 @@ import pytest
 from minicpm_data.conversation import Conversation, Message
 from minicpm_train.evaluate import OTHER, EvalResult, EvaluationError, SamplePrediction, detect_label_set, evaluate
 
-pytest_plugins = ["train_helpers"]
 
 from train_helpers import TASK_DEV  # noqa: E402
 
@@ -99,7 +98,7 @@ def test_answers_truncated_away_are_not_scored(loaded):
 
 
 def test_cli_eval_writes_predictions(tiny_llama, tmp_path, monkeypatch, capsys):
-    from test_plan import run_cli
+    from train_helpers import run_cli
 
     out = tmp_path / "pred.jsonl"
     code, stdout, err = run_cli(monkeypatch, capsys, "eval", str(tiny_llama), "--data", str(TASK_DEV),

@@ -8,7 +8,6 @@ import pytest
 
 from minicpm_train.model import ModelError
 
-pytest_plugins = ["train_helpers"]
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "minicpm3": ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj"]}
 
@@ -77,7 +76,7 @@ def test_adapter_folder_as_model_and_errors(tiny_llama, tmp_path):
 
 
 def test_cli_merge(tiny_llama, tmp_path, monkeypatch, capsys):
-    from test_plan import run_cli
+    from train_helpers import run_cli
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", TARGETS["llama"])
     code, out, err = run_cli(monkeypatch, capsys, "merge", "--base", str(tiny_llama), "--adapter", str(adapter),

@@ -4,7 +4,6 @@ DeepSpeed's own estimator, OpenBMB's published figure, verdicts, suggestions, an
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -21,6 +20,7 @@ from minicpm_train.plan import (
     plan_from_argv,
 )
 from minicpm_train.launch import Device
+from train_helpers import run_cli
 
 # A small Llama-type model whose numbers are worked out by hand below.
 SMALL = dict(model_type="llama", vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -215,17 +215,6 @@ def test_run_flags_config_and_gpus(tmp_path):
     detected = plan_from_argv(flags, devices=[Device("NVIDIA GeForce RTX 4090", (8, 9), 23.6)] * 2)
     assert detected.gpu_name == "NVIDIA GeForce RTX 4090" and detected.settings.num_gpus == 2
     assert detected.gpu_memory == int(23.6 * GIB)
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """``minicpm-train ARGS`` in this process, through ``main()`` (errors become one line, exit 1)."""
-    from minicpm_train import cli
-
-    monkeypatch.setattr(sys, "argv", ["minicpm-train", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
 
 
 def test_cli_json_and_errors(monkeypatch, capsys):

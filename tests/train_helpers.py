@@ -113,3 +113,14 @@ def logits(model, batch):
 
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``minicpm-train ARGS`` in this process, through ``main()`` (errors become one line, exit 1)."""
+    from minicpm_train import cli
+
+    monkeypatch.setattr(sys, "argv", ["minicpm-train", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err

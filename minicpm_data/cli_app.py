@@ -1,0 +1,27 @@
+"""What both CLIs share: how a Typer app is built, and how library errors become one-line messages."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from minicpm_data.errors import MinicpmError
+
+err_console = Console(stderr=True)
+
+
+def make_app(name: str, help: str) -> typer.Typer:
+    """A Typer app with our settings: help when called bare, no shell completion, no pretty tracebacks."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False)
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run ``app``, turning ``MinicpmError`` into one line on stderr and exit code 1 (no traceback)."""
+    try:
+        app()
+    except MinicpmError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
