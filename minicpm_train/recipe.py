@@ -79,6 +79,11 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         training["deepspeed"] = deepspeed
         _deepspeed_single_process_env(run.launch.master_port)
 
+    if callbacks:  # the caller shows progress; transformers' own load / save bars would interleave with it
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
     # 1. Tokenizer: exactly as `minicpm-data stats` loads it, so training sees the ids stats showed.
     from minicpm_data.tokenizer import load_tokenizer
     from minicpm_train import model as models
