@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = build_tiny_model("llama-chatml", tmp / "model")
-        build(tmp, train=options.samples, dev=0)
+        build(tmp, raw_csv=tmp / "nli.csv", train=options.samples, dev=0)
         tokenizer = load_tokenizer(str(model_dir))
         dataset, summary = load_supervised(tmp / "train.json", tokenizer, max_length=MAX_LENGTH, cache_dir=tmp / "cache")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

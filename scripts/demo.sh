@@ -14,15 +14,21 @@ minicpm-data convert fixtures/raw/sharegpt.json --from sharegpt -o "$out/sharegp
 minicpm-data convert fixtures/raw/alpaca.json --from auto -o "$out/alpaca.jsonl"
 minicpm-data convert fixtures/raw/ocnli.json --from ocnli -o "$out/ocnli" --dev-ratio 0.25 --seed 42
 
+step "convert: a raw premise/hypothesis/label table into the task the run below learns, split train/dev"
+minicpm-data convert fixtures/raw/nli.csv --from csv --assistant-col label \
+    --template $'premise: {premise}\nhypothesis: {hypothesis}' \
+    --system "Decide how the hypothesis relates to the premise: entailment, neutral or contradiction." \
+    -o "$out/nli" --dev-ratio 0.2 --seed 42
+
 step "validate: every output passes the schema and the turn rules"
-minicpm-data validate "$out/sharegpt.json" "$out/alpaca.jsonl" "$out/ocnli/train.json" "$out/ocnli/dev.json"
+minicpm-data validate "$out/sharegpt.json" "$out/alpaca.jsonl" "$out"/ocnli/*.json "$out"/nli/*.json
 
 step "stats: what training will see, with the tiny ChatML tokenizer"
-minicpm-data stats fixtures/train/train.json fixtures/train/dev.json \
+minicpm-data stats "$out/nli/train.json" "$out/nli/dev.json" "$out/sharegpt.json" \
     --tokenizer fixtures/tokenizers/chatml --model-max-length 64 --plot "$out/lengths.png"
 
 step "inspect: the trained tokens of one sample"
-minicpm-data inspect fixtures/train/train.json --tokenizer fixtures/tokenizers/chatml --index 0
+minicpm-data inspect "$out/nli/train.json" --tokenizer fixtures/tokenizers/chatml --index 0
 
 step "a tiny random-init MiniCPM5-style model to train"
 python fixtures/build_tiny_models.py "$out/tiny-model"
@@ -31,14 +37,14 @@ step "plan: memory per GPU for this run"
 minicpm-train plan --model_name_or_path "$out/tiny-model" --per_device_train_batch_size 8 \
     --model_max_length 256 --gpu-memory 8
 
-step "run: full fine-tuning on CPU"
+step "run: full fine-tuning on CPU, on the converted task"
 minicpm-train run --model_name_or_path "$out/tiny-model" --output_dir "$out/run" \
-    --train_data_path fixtures/train/train.json --eval_data_path fixtures/train/dev.json \
+    --train_data_path "$out/nli/train.json" --eval_data_path "$out/nli/dev.json" \
     --learning_rate 5e-3 --per_device_train_batch_size 8 --model_max_length 256 \
     --max_steps 160 --eval_strategy steps --eval_steps 40 --save_steps 80 --logging_steps 20
 
 step "eval: loss, perplexity and label accuracy on the dev set"
-minicpm-train eval "$out/run" --data fixtures/train/dev.json
+minicpm-train eval "$out/run" --data "$out/nli/dev.json"
 
 step "chat: one-shot answer from the trained model"
 minicpm-train chat "$out/run" --temperature 0 \
