@@ -113,6 +113,9 @@ def convert_command(
         else:
             summary = convert_and_split(inputs, output, dev_ratio=dev_ratio, seed=seed, options=options, fmt=fmt,
                                         rejects_path=rejects, progress=progress)
+    for item in summary.files:
+        if not item.read:
+            err_console.print(f"[yellow]warning:[/] {escape(item.path)}: no records (empty input)", soft_wrap=True)
     if as_json:
         _print_json(summary.to_dict())
     else:
@@ -196,7 +199,7 @@ def stats_command(
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Per-device batch size, for padding waste."),
-    plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here (.png added if missing)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
 ) -> None:
@@ -207,6 +210,7 @@ def stats_command(
     from minicpm_data import report
     from minicpm_data.stats import compute_stats, read_all
 
+    plot = None if plot is None else report.plot_path(plot)
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
     all_stats = []
     for file in files:
@@ -230,7 +234,7 @@ def stats_command(
     for stats in all_stats:
         console.print(report.histogram(stats))
     if plot is not None:
-        console.print(f"plot written to {plot}", markup=False, highlight=False)
+        console.print(f"plot written to {plot}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("inspect", help="Show rendered samples with the trained tokens highlighted: what the model will learn.")

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import orjson
 
 from minicpm_data.errors import InputError
-from minicpm_data.io import iter_raw_records, json_lines, output_format, parse_line, record_writer, serialize
+from minicpm_data.io import (iter_raw_records, json_lines, output_format, parse_line, record_writer, require_file,
+                              serialize)
 from minicpm_data.repair import TOOL_POLICIES, finish
 from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
 
@@ -91,6 +92,8 @@ def default_rejects_path(output: Path) -> Path:
 
 
 def _check_paths(inputs: Sequence[Path], output: Path, rejects: Path) -> None:
+    for path in inputs:
+        require_file(path)
     resolved = {path.resolve() for path in inputs}
     for target, what in ((output, "output"), (rejects, "rejects file")):
         if target.resolve() in resolved:
@@ -278,7 +281,7 @@ def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_
     summary = convert_files(inputs, combined, options=options, fmt=fmt,
                             rejects_path=rejects_path or out_dir / "rejects.jsonl", progress=progress)
     try:
-        result = split_file(combined, out_dir, dev_ratio=dev_ratio, seed=seed, fmt=fmt)
+        result = split_file(combined, out_dir, dev_ratio=dev_ratio, seed=seed, fmt=fmt, allow_empty=True)
     finally:
         combined.unlink(missing_ok=True)
     summary.output = str(out_dir)

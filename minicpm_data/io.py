@@ -80,9 +80,10 @@ def detect_encoding(path: Path) -> str:
 
 def _check_encoding(encoding: str) -> str:
     try:
-        return codecs.lookup(encoding).name
+        "".encode(encoding)  # LookupError also for codecs that are not text encodings (base64, zlib)
     except LookupError:
-        raise InputError(f"unknown encoding {encoding!r}") from None
+        raise InputError(f"unknown encoding {encoding!r}; give a text encoding such as utf-8 or gb18030") from None
+    return codecs.lookup(encoding).name
 
 
 def _undecodable(path: Path, line: int, encoding: str) -> RecordParseError:
@@ -92,11 +93,18 @@ def _undecodable(path: Path, line: int, encoding: str) -> RecordParseError:
 # --- raw records --------------------------------------------------------------------------------
 
 
+def require_file(path: Path) -> None:
+    """Raise :class:`InputError` unless ``path`` is an existing file (saying so for a directory)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; name the files in it")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+
+
 def iter_raw_records(path: str | Path, *, encoding: str | None = None) -> Iterator[RawRecord]:
     """Yield every record of a raw input file. Raises :class:`InputError` naming file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    require_file(path)
     suffix = path.suffix.lower()
     if suffix not in RAW_SUFFIXES:
         raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; expected one of {', '.join(RAW_SUFFIXES)}")
@@ -109,11 +117,15 @@ def iter_raw_records(path: str | Path, *, encoding: str | None = None) -> Iterat
 
 
 def _first_char(path: Path, encoding: str) -> str:
+    number = 0
     with open(path, encoding=encoding, errors="replace") as handle:
-        for line in handle:
-            stripped = line.lstrip("\ufeff \t\r\n")
-            if stripped:
-                return stripped[0]
+        try:
+            for number, line in enumerate(handle, 1):
+                stripped = line.lstrip("\ufeff \t\r\n")
+                if stripped:
+                    return stripped[0]
+        except UnicodeError:  # despite errors="replace": UTF-16/32 without a BOM, idna
+            raise _undecodable(path, number + 1, encoding) from None
     return ""
 
 
@@ -184,7 +196,7 @@ def _numbered_lines(path: Path, encoding: str) -> Iterator[tuple[int, bytes | st
         try:
             for number, line in enumerate(handle, 1):
                 yield number, line.removeprefix("\ufeff")
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise _undecodable(path, number + 1, encoding) from None
 
 
@@ -239,7 +251,7 @@ def _iter_delimited(path: Path, encoding: str, delimiter: str) -> Iterator[RawRe
                     values.update({f"column_{i + 1}": cell for i, cell in enumerate(row) if i >= len(header)})
                     yield RawRecord(index, start, values)
                 start = reader.line_num + 1
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise _undecodable(path, reader.line_num + 1, encoding) from None
         except csv.Error as error:
             raise RecordParseError(path, reader.line_num, f"invalid {'TSV' if delimiter == chr(9) else 'CSV'}: {error}") from None

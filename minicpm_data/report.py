@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from minicpm_data.errors import InputError
+from minicpm_data.errors import InputError, MinicpmError
 from minicpm_data.stats import FileStats
 
 HISTOGRAM_BINS = 16
@@ -72,6 +73,8 @@ def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: s
 
 def suggestion_text(stats: FileStats) -> Text:
     """Why the suggested length: the smallest multiple of 64 covering the 99th percentile."""
+    if not stats.records:
+        return Text(f"{Path(stats.file).name}: no records, so no length to suggest.")
     lengths = stats.lengths
     over = int((lengths > stats.suggested_max_length).sum()) if lengths is not None else 0
     return Text(f"{Path(stats.file).name}: suggested model_max_length {stats.suggested_max_length} is the smallest "
@@ -79,34 +82,56 @@ def suggestion_text(stats: FileStats) -> Text:
                 f"samples are longer (longest {stats.tokens.max:,}).")
 
 
-def histogram(stats: FileStats) -> Group:
-    """Length histogram in the terminal, on whole-token bins with model_max_length as a bin edge:
-    green bins fit, red bins are longer than model_max_length."""
+def _histogram_edges(low: int, high: int, limit: int) -> Any:
+    """Edges of equal whole-token bins ``[edge, next edge)`` covering ``low..high`` in at most
+    ``HISTOGRAM_BINS + 1`` bins, none below 0; when ``limit`` lies within, a bin starts right after it."""
     import numpy as np
 
+    width = -(-(high - low + 1) // HISTOGRAM_BINS)
+    anchor = limit + 1 if low - 1 <= limit <= high else low
+    first = anchor - -(-(anchor - low) // width) * width  # the last grid point at or below low
+    return np.maximum(np.arange(first, high + width + 1, width), 0)
+
+
+def histogram(stats: FileStats) -> Group:
+    """Length histogram in the terminal, on whole-token bins from the shortest to the longest sample;
+    green bins fit, red bins are longer than model_max_length (a bin edge when it lies within the lengths)."""
+    import numpy as np
+
+    name = Path(stats.file).name
     if not stats.records:
-        return Group(Text(f"{Path(stats.file).name}: no records"))
-    limit, lengths = stats.model_max_length, stats.lengths
-    low, top = min(stats.tokens.min, limit), max(stats.tokens.max, limit)
-    width = max(1, -(-(top - low + 1) // HISTOGRAM_BINS))
-    first_edge = limit - -(-(limit - low + 1) // width) * width  # bins are (edge, edge + width]
-    edges = np.arange(first_edge, top + width, width)
-    counts = np.bincount(np.searchsorted(edges, lengths, side="left"), minlength=len(edges))[1:]
+        return Group(Text(f"{name}: no records"))
+    limit = stats.model_max_length
+    edges = _histogram_edges(stats.tokens.min, stats.tokens.max, limit)
+    counts = np.bincount(np.searchsorted(edges, stats.lengths, side="right") - 1, minlength=len(edges) - 1)
     table = Table(show_header=False, box=None, pad_edge=False)
     for justify in ("right", "left", "right", "left"):
         table.add_column(justify=justify)
-    peak = max(int(counts.max()), 1) if len(counts) else 1
-    for count, edge in zip(counts, edges[:-1]):
+    peak = int(counts.max())
+    for count, start, end in zip(counts, edges[:-1], edges[1:] - 1):
         bar = "█" * int(round(BAR_WIDTH * count / peak)) or ("▏" if count else "")
-        label = f"{edge + 1:,}" if width == 1 else f"{edge + 1:,}-{edge + width:,}"
-        marker = f"← model_max_length {limit}" if edge + width == limit else ""
-        table.add_row(label, Text(bar, style="red" if edge >= limit else "green"), f"{count:,}", marker)
-    title = Text(f"{Path(stats.file).name}: tokens per sample (red: longer than model_max_length)", style="bold")
+        label = f"{start:,}" if start == end else f"{start:,}-{end:,}"
+        marker = f"← model_max_length {limit}" if end == limit else ""
+        table.add_row(label, Text(bar, style="red" if start > limit else "green"), f"{count:,}", marker)
+    title = Text(f"{name}: tokens per sample (red: longer than model_max_length {limit})", style="bold")
     return Group(title, table)
 
 
+def plot_path(path: str | Path) -> Path:
+    """Where ``--plot`` writes its PNG: ``.png`` is added to a name without one. Checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--plot {path}: is a directory; give a file name such as {path / 'lengths.png'}")
+    if path.suffix.lower() not in ("", ".png"):
+        raise InputError(f"--plot {path}: the plot is a PNG; give a .png file name")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MinicpmError("--plot needs matplotlib: pip install matplotlib")
+    return path if path.suffix else path.with_suffix(".png")
+
+
 def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
-    """PNG histogram of tokens per sample, one series per file, model_max_length and suggestion marked."""
+    """PNG histogram of tokens per sample, one series per file, model_max_length and suggestion marked;
+    ``path`` as :func:`plot_path` returns it."""
     import matplotlib
 
     matplotlib.use("Agg")

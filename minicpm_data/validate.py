@@ -2,8 +2,8 @@
 
 Rules: roles are system, user, assistant; a system turn only first; then user and assistant
 alternate, starting with user and ending with assistant; every content is a non-empty string
-after stripping. Each problem names the file, record index, line (JSON Lines), a JSON pointer
-and a plain message.
+after stripping; a file holds at least one record. Each problem names the file, record index,
+line (JSON Lines), a JSON pointer and a plain message.
 """
 
 from __future__ import annotations
@@ -119,21 +119,25 @@ def _schema_message(error) -> str:
 
 def validate_file(path: str | Path) -> list[Problem]:
     """Every problem in a target-format ``.json`` (list) or ``.jsonl`` file; empty when it is valid."""
-    from minicpm_data.io import RecordParseError, iter_raw_records, json_layout
+    from minicpm_data.io import RecordParseError, iter_raw_records, json_layout, require_file
 
     path = Path(path)
     name = str(path)
-    if path.suffix.lower() not in (".json", ".jsonl"):
-        return [Problem(name, None, None, "", "not a .json or .jsonl file")]
     try:
-        layout = json_layout(path) if path.is_file() else "list"
+        require_file(path)
+        if path.suffix.lower() not in (".json", ".jsonl"):
+            return [Problem(name, None, None, "", "not a .json or .jsonl file")]
+        layout = json_layout(path)
         if layout == "object":
             return [Problem(name, None, None, "", "top level is a single object; expected a JSON list of records")]
-        problems = []
-        for raw in iter_raw_records(path):
+        problems, records = [], 0
+        for records, raw in enumerate(iter_raw_records(path), 1):
             prefix = f"/{raw.index}" if layout == "list" else ""
             problems.extend(Problem(name, raw.index, raw.line, prefix + pointer, message)
                             for pointer, message in record_problems(raw.data))
+        if not records:  # nothing to train on (JSON Lines without records: only blank lines)
+            message = "no records: the list is empty" if layout == "list" else "file is empty"
+            return [Problem(name, None, None, "", message)]
         return problems
     except RecordParseError as error:
         return [Problem(name, None, error.line, "", error.detail)]

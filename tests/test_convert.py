@@ -96,6 +96,13 @@ def test_table_sources_need_their_columns(fixtures_dir, tmp_path):
                       options=ConvertOptions(source="csv", user_col="Q", assistant_col="answer"))
 
 
+def test_inputs_are_checked_before_any_work(fixtures_dir, tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match="data: is a directory; name the files in it"):
+        convert_files([fixtures_dir / "raw" / "alpaca.json", tmp_path / "data"], tmp_path / "out.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_output_may_not_overwrite_an_input(fixtures_dir, tmp_path):
     source = tmp_path / "data.json"
     source.write_bytes((fixtures_dir / "raw" / "alpaca.json").read_bytes())

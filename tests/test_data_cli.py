@@ -61,6 +61,11 @@ def test_console_script_error_is_one_line_without_traceback(fixtures_dir, tmp_pa
     (["convert", "raw/table.csv"], "table.csv: cannot detect the format"),
     (["convert", "raw/absent.json"], "absent.json: no such file"),
     (["convert", "raw/alpaca.json", "--encoding", "klingon"], "unknown encoding 'klingon'"),
+    (["convert", "raw/alpaca.json", "--from", "alpaca", "--encoding", "utf-16"],
+     "alpaca.json:1: bytes cannot be decoded as utf-16"),
+    (["convert", "raw/table.csv", "--template", "Q {", "--assistant-col", "answer"], "--template 'Q {': Single '{'"),
+    (["convert", "raw/table.csv", "--template", "{question!x}", "--assistant-col", "answer"],
+     "{question} has a conversion or format spec"),
     (["split", "raw/alpaca.json", "--dev-ratio", "2"], "--dev-ratio must be between 0 and 1"),
     (["convert", "raw/alpaca.json", "--tool-turns", "keep"], "unknown tool policy 'keep'"),
     (["convert", "raw/alpaca.json", "--workers", "0"], "--workers must be 1 or more"),
@@ -70,6 +75,31 @@ def test_bad_input_is_one_line_exit_1(capsys, fixtures_dir, tmp_path, argv, mess
     code, out, err = run_cli(capsys, *argv)
     assert code == 1 and message in err and "Traceback" not in err + out
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_directory_input_is_named_as_such(capsys, fixtures_dir, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tokenizer = ["--tokenizer", fixtures_dir / "tokenizers" / "chatml"]
+    for argv in (["convert", folder, "-o", tmp_path / "o.json"], ["split", folder, "-o", tmp_path / "split"],
+                 ["stats", folder, *tokenizer], ["inspect", folder, *tokenizer]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 1 and f"{folder}: is a directory; name the files in it" in err, argv
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+    code, out, _ = run_cli(capsys, "validate", folder, "--json")
+    assert code == 1 and json.loads(out)["problems"][0]["message"] == "is a directory; name the files in it"
+
+
+def test_empty_inputs(capsys, tmp_path):
+    for name, content in (("zero.json", ""), ("blank.jsonl", "\n \n"), ("list.json", "[]")):
+        path = tmp_path / name
+        path.write_text(content)
+        code, out, err = run_cli(capsys, "convert", path, "-o", tmp_path / "out.json")
+        assert code == 0 and "read 0 = written 0" in out and f"warning: {path}: no records" in err
+        code, out, _ = run_cli(capsys, "validate", path, "--json")
+        assert code == 1 and json.loads(out)["problems"][0]["message"].startswith(("file is empty", "no records"))
+        code, out, err = run_cli(capsys, "split", path, "-o", tmp_path / "split")
+        assert code == 1 and f"{path}: no records to split" in err and len(err.strip().splitlines()) == 1
 
 
 def test_convert_prints_the_summary_and_detection(capsys, fixtures_dir, tmp_path):

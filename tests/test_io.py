@@ -85,12 +85,33 @@ def test_bad_bytes_after_the_sniffed_head_name_their_line(tmp_path):
         _data(path)
 
 
-def test_unsupported_and_missing_files(tmp_path):
+@pytest.mark.parametrize("name, content, encoding", [
+    ("ascii.json", b'[{"a": 1}]', "utf-16"),  # the UTF-16/32 decoders refuse a stream without a BOM
+    ("ascii.jsonl", b'{"a": 1}\n', "utf-32"),
+    ("ascii.csv", b"q,a\nx,y\n", "utf-16"),
+    ("ascii.json", b'[{"a": 1}]', "idna"),  # a codec that refuses errors="replace"
+])
+def test_a_forced_encoding_that_does_not_fit_names_file_line_and_encoding(tmp_path, name, content, encoding):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=rf"{name}:1: bytes cannot be decoded as {encoding}"):
+        _data(tmp_path / name, encoding=encoding)
+
+
+@pytest.mark.parametrize("encoding", ["klingon", "base64"])
+def test_unknown_and_non_text_encodings(fixtures_dir, encoding):
+    with pytest.raises(InputError, match=f"unknown encoding '{encoding}'"):
+        _data(fixtures_dir / "raw" / "alpaca.json", encoding=encoding)
+
+
+def test_unsupported_and_missing_files_and_directories(tmp_path):
     (tmp_path / "data.xml").write_text("<x/>")
     with pytest.raises(InputError, match="unsupported file type .xml"):
         iter_raw_records(tmp_path / "data.xml")
     with pytest.raises(InputError, match="no such file"):
         iter_raw_records(tmp_path / "absent.json")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(InputError, match="folder.json: is a directory; name the files in it"):
+        iter_raw_records(tmp_path / "folder.json")
 
 
 def test_writes_json_list_and_jsonl_unescaped(tmp_path):

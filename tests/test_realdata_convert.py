@@ -42,7 +42,8 @@ def test_realdata_file_converts_without_loss(shared_dir, tmp_path, name):
     rejects = (tmp_path / "out.rejects.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rejects) == summary.rejected
     assert len(json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))) == summary.written
-    assert validate_file(tmp_path / "out.json") == []
+    problems = [p.message for p in validate_file(tmp_path / "out.json")]
+    assert problems == ([] if summary.written else ["no records: the list is empty"])  # e.g. unlabelled OCNLI test
 
 
 def test_ocnli_matches_minicpms_own_conversion(shared_dir, tmp_path):

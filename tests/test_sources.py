@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from minicpm_data.errors import FormatError
@@ -108,6 +110,26 @@ def test_table_columns_and_template(fixtures_dir):
         make_source("csv", user_col="nope", assistant_col="answer").check_columns(list(row), "table.csv")
     with pytest.raises(FormatError, match="needs --assistant-col"):
         make_source("csv", user_col="question")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("Q {", "--template 'Q {': Single '{' encountered"),
+    ("{question} }", "Single '}' encountered"),
+    ("{question!x}", "{question} has a conversion or format spec"),
+    ("{question:>9}", "{question} has a conversion or format spec"),
+    ("{}", "has an empty placeholder"),
+    ("{ }", "has an empty placeholder"),
+])
+def test_table_template_must_hold_plain_column_placeholders(template, message):
+    with pytest.raises(FormatError, match=re.escape(message)):
+        make_source("csv", template=template, assistant_col="answer")
+
+
+def test_table_template_placeholders_name_columns_verbatim():
+    source = make_source("csv", template="{{{q.x}}} {q[0]} {0}", assistant_col="a")
+    assert source.columns == ["a", "q.x", "q[0]", "0"]
+    assert _convert(source, {"q.x": "dot", "q[0]": "index", "0": "zero", "a": "A"}) == [
+        ("user", "{dot} index zero"), ("assistant", "A")]
 
 
 @pytest.mark.parametrize("name, expected", [

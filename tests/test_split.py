@@ -52,6 +52,27 @@ def test_split_refuses_bad_ratio_and_overwriting_its_input(tmp_path):
         split_file(tmp_path / "train.json", tmp_path)
 
 
+@pytest.mark.parametrize("content", ["", "[]"])
+def test_split_refuses_an_input_without_records(tmp_path, content):
+    (tmp_path / "empty.json").write_text(content)
+    with pytest.raises(InputError, match="empty.json: no records to split"):
+        split_file(tmp_path / "empty.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_refuses_a_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match="data: is a directory"):
+        split_file(tmp_path / "data", tmp_path / "out")
+
+
+def test_convert_with_dev_ratio_of_an_empty_input_writes_empty_splits(tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    summary = convert_and_split([tmp_path / "empty.json"], tmp_path / "out", dev_ratio=0.1)
+    assert summary.read == 0 and summary.splits["train"]["records"] == summary.splits["dev"]["records"] == 0
+    assert _load(tmp_path / "out" / "train.json") == _load(tmp_path / "out" / "dev.json") == []
+
+
 def test_convert_with_dev_ratio(fixtures_dir, tmp_path):
     summary = convert_and_split([fixtures_dir / "raw" / "alpaca.json"], tmp_path / "out", dev_ratio=0.3, seed=1,
                                 options=ConvertOptions())

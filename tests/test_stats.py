@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from test_data_cli import run_cli
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.io import read_conversations
 from minicpm_data.render import IGNORE_INDEX, render
-from minicpm_data.stats import compute_stats, padding_to_longest, suggest_max_length
+from minicpm_data.stats import Distribution, FileStats, compute_stats, padding_to_longest, suggest_max_length
 from minicpm_data.tokenizer import load_tokenizer
 
 
@@ -87,6 +89,43 @@ def test_histogram_bins_split_at_model_max_length(chatml, conversations):
     over = sum(count for count, bar in zip(counts, bars) if bar.style == "red")
     assert over == stats.over_max_length == sum(int(length) > limit for length in stats.lengths) > 0
     assert all(int(label.split("-")[0]) > limit for label, bar in zip(labels, bars) if bar.style == "red")
+
+
+def _histogram_rows(lengths, limit):
+    """(first, last, count, red, marker) per row of the terminal histogram of ``lengths``."""
+    from minicpm_data.report import histogram
+
+    lengths = np.array(lengths)
+    stats = FileStats("f.json", len(lengths), limit, "right", 8, tokens=Distribution.of(lengths), lengths=lengths)
+    rows = []
+    for label, bar, count, marker in zip(*(column.cells for column in histogram(stats).renderables[1].columns)):
+        first, _, last = re.fullmatch(r"(\d+)(-(\d+))?", label.replace(",", "")).group(1, 2, 3)
+        rows.append((int(first), int(last or first), int(count.replace(",", "")), bar.style == "red", marker))
+    return rows
+
+
+@pytest.mark.parametrize("lengths, limit", [
+    ([40] * 7, 1024),                   # all equal
+    ([5, 6, 7, 6, 5], 1024),            # narrow, far below the limit
+    ([5, 6, 7, 6, 5], 6),               # narrow, around the limit
+    ([3] * 50 + [900], 30),             # one outlier; the limit's grid would start below 0
+    ([100, 101, 5000], 64),             # all longer than the limit
+    (list(range(10, 5000, 7)), 1024),
+])
+def test_histogram_bins_are_disjoint_whole_token_ranges_over_the_lengths(lengths, limit):
+    rows = _histogram_rows(lengths, limit)
+    assert 0 <= rows[0][0] <= min(lengths) and rows[-1][1] >= max(lengths) and len(rows) <= 17
+    assert all(last + 1 == first for (_, last, *_), (first, *_) in zip(rows, rows[1:]))
+    assert [count for _, _, count, _, _ in rows] == [sum(a <= n <= b for n in lengths) for a, b, *_ in rows]
+    assert all(red == (first > limit) and not first <= limit < last for first, last, _, red, _ in rows)
+    assert [bool(marker) for *_, marker in rows].count(True) == (min(lengths) - 1 <= limit <= max(lengths))
+    assert sum(count > 0 for _, _, count, _, _ in rows) >= min(len(set(lengths)), 2)
+
+
+def test_histogram_of_few_distinct_lengths_has_a_bin_each():
+    assert [(a, b, count) for a, b, count, _, _ in _histogram_rows([5, 6, 7, 6, 5], 1024)] == [
+        (5, 5, 2), (6, 6, 2), (7, 7, 1)]
+    assert [(a, b, count) for a, b, count, _, _ in _histogram_rows([40] * 7, 1024)] == [(40, 40, 7)]
 
 
 def test_progress_is_reported(chatml, conversations):
@@ -169,3 +208,29 @@ def test_empty_file_and_unwritable_plot(capsys, tmp_path, fixtures_dir, lengths_
     assert code == 0 and "empty.json: no records" in out
     code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", tmp_path / "missing" / "x.png")
     assert code == 1 and "cannot write plot" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stats_of_a_zero_byte_file(capsys, tmp_path, fixtures_dir):
+    (tmp_path / "zero.json").write_bytes(b"")
+    code, out, err = run_cli(capsys, "stats", tmp_path / "zero.json", "-t", fixtures_dir / "tokenizers" / "chatml")
+    assert code == 0 and "zero.json: no records, so no length to suggest" in out and "zero.json: no records\n" in out
+
+
+def test_plot_path_gets_png_and_is_reported_as_written(capsys, tmp_path, fixtures_dir, lengths_file):
+    tokenizer = ["--tokenizer", fixtures_dir / "tokenizers" / "chatml"]
+    code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", tmp_path / "lengths")
+    assert code == 0, err
+    assert f"plot written to {tmp_path / 'lengths.png'}" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["lengths.png"]
+    for plot, message in ((tmp_path, "is a directory"), (tmp_path / "lengths.svg", "the plot is a PNG")):
+        code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", plot)
+        assert code == 1 and f"--plot {plot}: {message}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    from minicpm_data.errors import MinicpmError
+    from minicpm_data.report import plot_path
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(MinicpmError, match="--plot needs matplotlib: pip install matplotlib"):
+        plot_path(tmp_path / "x.png")

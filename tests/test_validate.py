@@ -85,6 +85,21 @@ def test_unreadable_files_are_problems_not_crashes(tmp_path, name, content, mess
     assert isinstance(problems[0], Problem)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("zero.json", "", "file is empty"),
+    ("blank.jsonl", " \n\n\t\n", "file is empty"),
+    ("empty.json", "[ ]\n", "no records: the list is empty"),
+])
+def test_files_without_records_are_problems(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    assert validate_file(path) == [Problem(str(path), None, None, "", message)]
+
+
+def test_a_directory_is_a_problem(tmp_path):
+    assert [p.message for p in validate_file(tmp_path)] == ["is a directory; name the files in it"]
+
+
 def test_fast_path_agrees_with_the_schema():
     from minicpm_data.validate import _fits_schema, _record_validator
 

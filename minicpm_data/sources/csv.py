@@ -30,10 +30,9 @@ class Table(Source):
             raise FormatError("--from csv needs --assistant-col and either --user-col or --template")
         if user_col and template:
             raise FormatError("give --user-col or --template, not both")
-        self.user_col, self.assistant_col, self.system_col, self.template = user_col, assistant_col, system_col, template
-        placeholders = [name for _, name, _, _ in string.Formatter().parse(template or "") if name is not None]
-        if any(not name.strip() for name in placeholders):
-            raise FormatError(f"--template has an empty placeholder: {template!r}")
+        self.user_col, self.assistant_col, self.system_col = user_col, assistant_col, system_col
+        self.template = _parse_template(template) if template else []
+        placeholders = [name for _, name in self.template if name is not None]
         self.columns = [c for c in (user_col, assistant_col, system_col, *placeholders) if c]
 
     def check_columns(self, columns: list[str], path: str) -> None:
@@ -43,8 +42,8 @@ class Table(Source):
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
         if self.template:
-            values = {name: _cell(field(record, name), name) for name in self.columns}
-            prompt = self.template.format_map(values)
+            prompt = "".join(literal + ("" if name is None else _cell(field(record, name), name))
+                             for literal, name in self.template)
         else:
             prompt = _cell(field(record, self.user_col), self.user_col)
         system = optional_text(record, self.system_col) if self.system_col else ""
@@ -52,6 +51,21 @@ class Table(Source):
         messages += [Message("user", prompt),
                      Message("assistant", _cell(field(record, self.assistant_col), self.assistant_col))]
         return Conversation(messages)
+
+
+def _parse_template(template: str) -> list[tuple[str, str | None]]:
+    """``(literal text, column or None)`` pieces of a ``{column}`` template; :class:`FormatError` if malformed."""
+    usage = "use {column} placeholders, and {{ or }} for a literal brace"
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise FormatError(f"--template {template!r}: {error}; {usage}") from None
+    for _, name, spec, conversion in pieces:
+        if name is not None and not name.strip():
+            raise FormatError(f"--template {template!r} has an empty placeholder; {usage}")
+        if spec or conversion:
+            raise FormatError(f"--template {template!r}: {{{name}}} has a conversion or format spec; {usage}")
+    return [(literal, name) for literal, name, _, _ in pieces]
 
 
 def _cell(value: Any, column: str) -> str:
