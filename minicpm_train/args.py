@@ -35,6 +35,8 @@ LEGACY_RENAMES = {
 }
 # `--group_by_length` became `--train_sampling_strategy group_by_length`.
 LEGACY_GROUP_BY_LENGTH = "group_by_length"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
+NO_RESUME = (None, "", "false", "False")  # --resume_from_checkpoint values meaning a fresh start
 
 
 class ArgumentError(MinicpmError):
@@ -131,6 +133,19 @@ def _training_fields() -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+def flag_name(name: str) -> str:
+    """The one spelling of a flag name: ``max-new-tokens`` and ``max_new_tokens`` are the same flag."""
+    return name.replace("-", "_")
+
+
+def _canonical_flag(token: str) -> str:
+    """A ``--flag`` or ``--flag=value`` token with the name in :func:`flag_name` spelling; values unchanged."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token[2:].partition("=")
+    return f"--{flag_name(name)}{eq}{value}"
+
+
 def _rename_legacy(argv: list[str], notices: list[str]) -> list[str]:
     """Map renamed HF flags to today's names, with a one-line notice each."""
     renamed: list[str] = []
@@ -138,7 +153,6 @@ def _rename_legacy(argv: list[str], notices: list[str]) -> list[str]:
     while index < len(argv):
         token = argv[index]
         name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        name = name.replace("-", "_")
         if name in LEGACY_RENAMES:
             new = LEGACY_RENAMES[name]
             notices.append(f"--{name} is the old name of --{new} (renamed in transformers); using --{new}")
@@ -213,7 +227,7 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
     config_path, argv = _extract_config(argv)
     if config_path is not None:
         argv = _config_to_argv(config_path) + argv
-    argv = _rename_legacy(argv, notices)
+    argv = _rename_legacy([_canonical_flag(token) for token in argv], notices)
     launch_ns, rest = _launch_parser().parse_known_args(argv)
 
     parser = _hf_parser()
@@ -253,6 +267,33 @@ def _check_required(options: RunOptions, training: dict[str, Any], require_data:
                             "drop --eval_on_start (the first evaluation runs at --eval_steps)")
     if options.precision not in (None, "auto", "bf16", "fp16", "fp32"):
         raise ArgumentError(f"--precision must be auto, bf16, fp16 or fp32, not {options.precision!r}")
+    _check_resume(training.get("resume_from_checkpoint"))
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A complete Trainer checkpoint: its trainer_state.json is written last."""
+    return (folder / "trainer_state.json").is_file()
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete ``checkpoint-N`` folder with the highest N (a half-written one is skipped)."""
+    steps = {int(match[1]): p for p in output_dir.glob("checkpoint-*")
+             if (match := _CHECKPOINT.fullmatch(p.name)) and _is_checkpoint(p)}
+    return steps[max(steps)] if steps else None
+
+
+def _check_resume(value: str | None) -> None:
+    """``--resume_from_checkpoint`` names a checkpoint folder (``auto`` is resolved when the run starts)."""
+    if value in NO_RESUME or value == "auto" or _is_checkpoint(Path(value)):
+        return
+    folder = Path(value)
+    latest = latest_checkpoint(folder) if folder.is_dir() else None
+    if latest is not None:
+        raise ArgumentError(f"--resume_from_checkpoint {value} is a run folder, not a checkpoint: pass one of its "
+                            f"checkpoints (the latest is {latest}) or auto")
+    what = "has no trainer_state.json" if folder.is_dir() else "does not exist" if not folder.exists() else "is a file"
+    raise ArgumentError(f"--resume_from_checkpoint {value} {what}: pass a checkpoint-N folder of an earlier run, "
+                        "or auto (the latest in --output_dir)")
 
 
 def resolve_deepspeed(value: str, notices: list[str]) -> str:

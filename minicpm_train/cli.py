@@ -7,20 +7,48 @@ Heavy libraries are imported inside the commands that need them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from minicpm_data.cli_app import err_console, make_app, run_app
+from minicpm_train.args import flag_name
 
-app = make_app("minicpm-train", "Train MiniCPM on minicpm-data output; plan memory, check the machine, merge, chat, evaluate.")
+app = make_app("minicpm-train", "Train MiniCPM on minicpm-data output; plan memory, check the machine, merge, chat, "
+                                "evaluate. Multi-word flags take either spelling: --max-new-tokens or "
+                                "--max_new_tokens.")
 console = Console()
 
 
 def main() -> None:
-    """Console-script entry: library errors become one-line messages, exit code 1."""
-    run_app(app)
+    """Console-script entry: library errors, and paths the system refuses, become one-line messages, exit code 1."""
+    try:
+        run_app(app)
+    except OSError as error:  # e.g. permission denied or a full disk on an output path
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        message = f"{error.strerror}: {where}" if error.strerror and where else str(error)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _command(name: str, *, passthrough: bool = False, **kwargs):
+    """``app.command`` where every multi-word option takes both spellings (``--a-b`` and ``--a_b``).
+
+    ``passthrough`` leaves unknown flags to the command (run and plan hand them to the HF parser).
+    """
+    settings = {"token_normalize_func": flag_name}
+    if passthrough:
+        settings.update(allow_extra_args=True, ignore_unknown_options=True)
+    return app.command(name, context_settings=settings, **kwargs)
+
+
+def _show_notices(notices: list[str]) -> None:
+    """Notes on stderr, so stdout keeps only the answer (chat --prompt) or the JSON (--json)."""
+    for notice in notices:
+        err_console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False, soft_wrap=True)
 
 
 # --- run -----------------------------------------------------------------------
@@ -43,9 +71,9 @@ def _show_script(script) -> None:
     console.print(table)
 
 
-@app.command(
+@_command(
     "run",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    passthrough=True,
     help="Train: the guide's finetune.py flags (any HF TrainingArguments flag), --config FILE, or --script FILE.sh.",
 )
 def run_command(
@@ -168,9 +196,9 @@ def _show_plan(report) -> None:
                       f"      {' '.join(suggestion.settings.flags())}", highlight=False)
 
 
-@app.command(
+@_command(
     "plan",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    passthrough=True,
     help="Estimate per-GPU memory of a run before starting it: the same flags and --config as run.",
 )
 def plan_command(
@@ -192,8 +220,8 @@ def plan_command(
         _show_plan(report)
 
 
-@app.command("doctor", help="Check what a run depends on: Python, torch/CUDA, GPUs, bf16, NCCL, DeepSpeed ops, "
-                            "bitsandbytes, library versions.")
+@_command("doctor", help="Check what a run depends on: Python, torch/CUDA, GPUs, bf16, NCCL, DeepSpeed ops, "
+                         "bitsandbytes, library versions.")
 def doctor_command(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
     import dataclasses
     import json
@@ -224,7 +252,7 @@ _TRUST = typer.Option(False, "--trust_remote_code", help="Allow the model folder
 _TEMPLATE = typer.Option(None, "--template", help="Chat layout: chatml or minicpm2 (default: detected).")
 
 
-@app.command("merge", help="Merge a LoRA adapter into its base: a full model folder plain transformers loads.")
+@_command("merge", help="Merge a LoRA adapter into its base: a full model folder plain transformers loads.")
 def merge_command(
     base: str = typer.Option(..., "--base", help="The base model folder the adapter was trained on."),
     adapter: str = typer.Option(..., "--adapter", help="The LoRA adapter folder."),
@@ -238,6 +266,7 @@ def merge_command(
     with console.status("merging"), _quiet_loading():
         result = merge_adapter(base, adapter, output, dtype=dtype, trust_remote_code=trust_remote_code,
                                overwrite=overwrite)
+    _show_notices(result.notices)
     console.print(f"merged {result.adapter} into {result.base}: {result.parameters:,} parameters, {result.dtype} "
                   f"-> {result.output_dir} ({', '.join(result.files)})", highlight=False)
 
@@ -246,10 +275,12 @@ def _load_for_inference(model: str, adapter: str | None, trust_remote_code: bool
     from minicpm_train.inference import load_model
 
     with err_console.status(f"loading {model}" + (f" + {adapter}" if adapter else "")), _quiet_loading():
-        return load_model(model, adapter, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, adapter, trust_remote_code=trust_remote_code)
+    _show_notices(loaded.notices)
+    return loaded
 
 
-@app.command("chat", help="Chat with a model in the terminal (streamed), rendered as training renders prompts.")
+@_command("chat", help="Chat with a model in the terminal (streamed), rendered as training renders prompts.")
 def chat_command(
     model: str = typer.Argument(..., help="Model folder (or a LoRA run's output folder)."),
     adapter: str = _ADAPTER,
@@ -329,7 +360,7 @@ def _show_eval(result, predictions_path) -> None:
     console.print(f"predictions: {predictions_path}", highlight=False)
 
 
-@app.command("eval", help="Loss and perplexity on assistant tokens; accuracy for label-set answers (OCNLI).")
+@_command("eval", help="Loss and perplexity on assistant tokens; accuracy for label-set answers (OCNLI).")
 def eval_command(
     model: str = typer.Argument(..., help="Model folder (or a LoRA run's output folder)."),
     data: str = typer.Option(..., "--data", help="Dev file in the messages format (JSON or JSONL)."),
@@ -352,9 +383,11 @@ def eval_command(
     from rich.progress import Progress
 
     from minicpm_data.io import read_conversations
-    from minicpm_train.evaluate import evaluate, write_predictions
+    from minicpm_train.evaluate import check_predictions_path, evaluate, write_predictions
     from minicpm_train.inference import training_options
 
+    if output:
+        check_predictions_path(output)
     label_set = labels if labels in ("auto", "none") else [x.strip() for x in labels.split(",") if x.strip()]
     records = list(read_conversations(data))
     loaded = _load_for_inference(model, adapter, trust_remote_code)

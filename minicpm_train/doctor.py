@@ -181,30 +181,36 @@ def _package_checks(env: Environment) -> list[Check]:
 
 
 def _deepspeed_checks(env: Environment) -> list[Check]:
+    """The Adam kernel each kind of preset compiles on first use, for this machine's accelerator.
+
+    ``cpu_adam`` (offload presets) always runs on the CPU. ``fused_adam`` (presets without offload) is
+    the accelerator's kernel: CUDA, compiled with nvcc, on GPUs; DeepSpeed's C++ build of it on CPU.
+    """
     if not env.packages.get("deepspeed"):
         return []
     checks = []
     if "import" in env.deepspeed_ops:
         return [Check("DeepSpeed ops", "cannot import", "fail", env.deepspeed_accelerator or "")]
-    if env.gpus and env.deepspeed_accelerator == "cpu":
+    accelerator = env.deepspeed_accelerator or "cpu"
+    if env.gpus and accelerator == "cpu":
         checks.append(Check("DeepSpeed accelerator", "cpu", "fail", "DeepSpeed does not see the GPUs (CUDA build "
                                                                     "of torch? DS_ACCELERATOR set?)"))
-    build_tools = env.ninja and env.compiler
-    missing = [name for name, present in (("ninja", env.ninja), ("a C++ compiler", env.compiler)) if not present]
-    for op, purpose in (("cpu_adam", "offload presets (zero2_offload, zero3_offload)"),
-                        ("fused_adam", "its fused Adam (presets without offload)")):
+    for op, kernel, purpose in (("cpu_adam", "cpu", "offload presets (zero2_offload, zero3_offload)"),
+                                ("fused_adam", accelerator, "presets without offload (zero2, zero3)")):
         if op not in env.deepspeed_ops:
             continue
-        if env.deepspeed_ops[op] and build_tools:
-            checks.append(Check(f"DeepSpeed {op}", "can build", "ok", f"compiled on first use, for {purpose}"))
+        tools = [("ninja", env.ninja), ("a C++ compiler", env.compiler)]
+        if kernel == "cuda":
+            version = f" {env.torch_cuda}" if env.torch_cuda else ""
+            tools.append((f"nvcc (the CUDA{version} toolkit torch was built with)", env.nvcc))
+        missing = [name for name, present in tools if not present]
+        if env.deepspeed_ops[op] and not missing:
+            checks.append(Check(f"DeepSpeed {op}", f"can build ({kernel.upper()} kernel)", "ok",
+                                f"compiled on first use, for the {purpose}"))
         else:
-            reason = f"missing {' and '.join(missing)}" if missing else "not compatible with this machine"
+            reason = f"missing {' and '.join(missing)}" if missing else f"not compatible with {kernel.upper()}"
             checks.append(Check(f"DeepSpeed {op}", "cannot build", "fail" if op == "cpu_adam" else "warn",
-                                f"{reason}: needed for {purpose}"))
-    if env.gpus and not env.nvcc:
-        checks.append(Check("CUDA compiler", "nvcc not found", "warn",
-                            "DeepSpeed's GPU ops compile with nvcc: install the CUDA toolkit matching torch's CUDA "
-                            f"{env.torch_cuda or ''}".rstrip()))
+                                f"{reason}: needed for the {purpose}"))
     return checks
 
 

@@ -202,6 +202,16 @@ def evaluate(model, tokenizer, records: Iterable[tuple[int, Conversation]], *, t
     return EvalResult(len(records), len(scored), total_tokens, total_loss / total_tokens, label_set, predictions)
 
 
+def check_predictions_path(path: str | Path) -> None:
+    """Refuse a predictions path that cannot become a file (a folder, or under a file), before evaluating."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvaluationError(f"-o {path} is a folder: name the predictions file, e.g. {path / 'predictions.jsonl'}")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise EvaluationError(f"-o {path}: {blocking} is a file, not a folder")
+
+
 def write_predictions(result: EvalResult, path: str | Path) -> Path:
     """One JSON object per sample (index, reference, loss, prediction, correct), and the metrics beside it."""
     from minicpm_data.io import write_records

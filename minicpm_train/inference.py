@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpm_train.model import DTYPES, ModelError, read_model_config
+
+_LORA_WEIGHT = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")  # a saved LoRA A or B matrix
 
 
 @dataclass
@@ -20,6 +23,7 @@ class LoadedModel:
     base: Path
     adapter: Path | None
     config: dict
+    notices: list[str] = field(default_factory=list)
 
 
 def resolve_folders(model: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
@@ -38,6 +42,47 @@ def resolve_folders(model: str | Path, adapter: str | Path | None) -> tuple[Path
             raise ModelError(f"--adapter {adapter}: no adapter_config.json there (a LoRA run's output folder, or "
                              "one of its checkpoint-N folders)")
     return model, adapter
+
+
+def check_adapter(model, base: Path, adapter: Path) -> list[str]:
+    """Refuse, in one line, an adapter trained on another architecture or size; a notice for another base folder.
+
+    Every adapted layer must exist in ``model`` with the adapter's input and output sizes, and every
+    layer its targets match must have weights: peft would fail with a traceback, or silently skip or
+    randomly initialise layers of a deeper or shallower model.
+    """
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    trained_on = f"it was trained on another model ({config.base_model_name_or_path})"
+    sizes: dict[str, list[int | None]] = {}  # adapted layer -> [input, output] features (lora_A, lora_B)
+    for key, tensor in load_peft_weights(str(adapter), device="cpu").items():
+        if match := _LORA_WEIGHT.fullmatch(key):
+            name, half = match.groups()
+            in_out = sizes.setdefault(name, [None, None])
+            if half == "A":
+                in_out[0] = tensor.shape[1]
+            else:
+                in_out[1] = tensor.shape[0]
+    modules = dict(model.named_modules())
+    for name, in_out in sizes.items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelError(f"the adapter {adapter} adapts {name}, which {base} does not have: {trained_on}")
+        have = [getattr(module, "in_features", None), getattr(module, "out_features", None)]
+        if None not in have and have != in_out:
+            raise ModelError(f"the adapter {adapter} adapts {name} as {in_out[0]} -> {in_out[1]} features, but it is "
+                             f"{have[0]} -> {have[1]} in {base}: {trained_on}")
+    untrained = [name for name in modules if name not in sizes and check_target_module_exists(config, name)]
+    if untrained:
+        raise ModelError(f"{base} has {untrained[0]}, which the adapter {adapter} targets but has no weights for: "
+                         f"{trained_on}")
+    recorded = config.base_model_name_or_path
+    if recorded and Path(recorded).resolve() != base.resolve():
+        return [f"the adapter {adapter} was trained on {recorded}; applying it to {base} (its adapted layers fit)"]
+    return []
 
 
 def default_dtype(device: str) -> str:
@@ -79,13 +124,15 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, trust_re
         raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, DTYPES[dtype]),
                                                   local_files_only=True, trust_remote_code=trust_remote_code)
+    notices = []
     if adapter is not None:
         from peft import PeftModel
 
+        notices = check_adapter(loaded, base, adapter)
         loaded = PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
     loaded.to(device).eval()
     tokenizer = load_tokenizer_for(base, adapter, trust_remote_code=trust_remote_code)
-    return LoadedModel(loaded, tokenizer, base, adapter, config)
+    return LoadedModel(loaded, tokenizer, base, adapter, config, notices)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

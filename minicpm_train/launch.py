@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,6 +213,11 @@ def plan_run(run: ResolvedRun, devices: list[Device] | None = None) -> tuple[Res
     return apply_plan(run, plan), plan
 
 
+def name_cpu_accelerator(env: MutableMapping[str, str]) -> None:
+    """For a CPU run: tell DeepSpeed its accelerator (it warns while guessing it), unless the user chose one."""
+    env.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def launcher_command(plan: HardwarePlan, resolved_json: Path) -> list[str]:
     """The ``deepspeed`` command that runs the recipe on every rank."""
     executable = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
@@ -228,6 +234,7 @@ def run_launcher(run: ResolvedRun, plan: HardwarePlan) -> int:
     env = {**os.environ, **run.env, "PYTHONUNBUFFERED": "1"}
     if plan.device == "cpu":
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        name_cpu_accelerator(env)
     try:
         return subprocess.call(launcher_command(plan, Path(f.name)), env=env)
     finally:

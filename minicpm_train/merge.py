@@ -7,7 +7,7 @@ then the weights are saved in the base's own dtype unless another is asked for.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpm_train.inference import load_model, resolve_folders
@@ -24,6 +24,7 @@ class MergeResult:
     dtype: str
     parameters: int
     files: list[str]
+    notices: list[str] = field(default_factory=list)
 
 
 def _saved_dtype(config: dict, requested: str | None) -> str:
@@ -45,6 +46,8 @@ def merge_adapter(model: str | Path, adapter: str | Path | None, output_dir: str
         raise ModelError(f"{model} has no adapter to merge: pass --adapter DIR (a LoRA run's output folder)")
     if output_dir.resolve() in (base.resolve(), adapter_dir.resolve()):
         raise ModelError(f"-o {output_dir}: write the merged model to a new folder, not over its inputs")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ModelError(f"-o {output_dir} is a file: name a folder for the merged model")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ModelError(f"-o {output_dir} exists and is not empty (add --overwrite to replace its files)")
 
@@ -60,4 +63,4 @@ def merge_adapter(model: str | Path, adapter: str | Path | None, output_dir: str
             shutil.copy2(source, output_dir / source.name)
     parameters = sum(p.numel() for p in merged.parameters())
     files = sorted(p.name for p in output_dir.iterdir() if p.is_file())
-    return MergeResult(output_dir, base, adapter_dir, saved, parameters, files)
+    return MergeResult(output_dir, base, adapter_dir, saved, parameters, files, loaded.notices)

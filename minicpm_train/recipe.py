@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minicpm_train.args import ResolvedRun
+from minicpm_train.args import NO_RESUME, ResolvedRun, latest_checkpoint
 from minicpm_train.data import DataSummary
+from minicpm_train.launch import name_cpu_accelerator
 
 Report = Callable[[str], None]
 
@@ -55,14 +56,13 @@ def _deepspeed_config(deepspeed: str | None) -> dict | None:
 
 
 def _resume_point(value: str | None, output_dir: Path, report: Report) -> str | None:
-    if value in (None, "", "false", "False"):
+    """The checkpoint to resume from (checked when the flags were parsed); ``auto``: the latest, if any."""
+    if value in NO_RESUME:
         return None
     if value == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        latest = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        latest = latest_checkpoint(output_dir)
         report(f"resume: {latest}" if latest else f"resume: no checkpoint in {output_dir}, starting fresh")
-        return latest
+        return str(latest) if latest else None
     return value
 
 
@@ -74,6 +74,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     output_dir = Path(training["output_dir"])
     precision = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
     device = "cpu" if training.get("use_cpu") else f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device == "cpu":
+        name_cpu_accelerator(os.environ)  # before anything imports deepspeed
     deepspeed = _deepspeed_config(training.get("deepspeed"))
     if deepspeed is not None:
         training["deepspeed"] = deepspeed

@@ -172,3 +172,36 @@ def test_plan_needs_only_the_model():
     assert run.options.use_lora and run.options.train_data_path is None
     with pytest.raises(ArgumentError, match="missing required flag: --model_name_or_path"):
         parse_run_args(["--use_lora"], require_data=False)
+
+
+def test_flags_take_both_spellings(tmp_path):
+    """Dashes or underscores, for our options, HF TrainingArguments, launcher flags and config keys alike."""
+    config = tmp_path / "run.yaml"
+    config.write_text("lora-r: 8\nper-device-train-batch-size: 4\n")
+    dashed = parse_run_args(["--model-name-or-path", "m", "--output-dir", "out", "--train-data-path=t.json",
+                             "--config", str(config), "--max-steps", "5", "--num-gpus", "2", "--master-port", "1234",
+                             "--per-gpu-eval-batch-size", "3"])
+    underscored = parse_run_args(["--model_name_or_path", "m", "--output_dir", "out", "--train_data_path=t.json",
+                                  "--lora_r", "8", "--per_device_train_batch_size", "4", "--max_steps", "5",
+                                  "--num_gpus", "2", "--master_port", "1234", "--per_gpu_eval_batch_size", "3"])
+    assert dashed.to_dict() == underscored.to_dict()
+    assert (dashed.options.lora_r, dashed.launch.num_gpus, dashed.launch.master_port) == (8, 2, 1234)
+    assert dashed.training["per_device_eval_batch_size"] == 3 and dashed.notices == underscored.notices
+
+
+def test_resume_from_checkpoint_must_be_a_checkpoint(tmp_path):
+    from minicpm_train.args import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    for step, complete in ((2, True), (10, True), (12, False)):  # checkpoint-12: killed while saving
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoint-10"  # by step, not by name; complete only
+    assert latest_checkpoint(tmp_path / "missing") is None
+    for value in (str(run_dir / "checkpoint-2"), "auto", "false"):
+        parse_run_args(REQUIRED + ["--resume_from_checkpoint", value])
+    for value, message in ((tmp_path / "missing", "does not exist"), (run_dir / "checkpoint-12", "no trainer_state"),
+                           (run_dir, f"run folder, not a checkpoint.*latest is {run_dir / 'checkpoint-10'}")):
+        with pytest.raises(ArgumentError, match=f"--resume_from_checkpoint .*{message}"):
+            parse_run_args(REQUIRED + ["--resume_from_checkpoint", str(value)])

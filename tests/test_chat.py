@@ -74,6 +74,19 @@ def test_one_shot_prompt(tiny_llama, loaded):
     assert done.stdout.strip() == expected
 
 
+def test_flags_take_both_spellings(tiny_llama, monkeypatch, capsys):
+    from train_helpers import run_cli
+
+    answers = []
+    for flags in (["--max-new-tokens", "4", "--top-p", "0.5", "--trust-remote-code"],
+                  ["--max_new_tokens", "4", "--top_p", "0.5", "--trust_remote_code"]):
+        code, out, err = run_cli(monkeypatch, capsys, "chat", str(tiny_llama), "--prompt", "hi", "--temperature", "0",
+                                 *flags)
+        assert code == 0, err
+        answers.append(out)
+    assert answers[0] == answers[1]
+
+
 def _read_until(fd: int, marker: str, timeout: float = 90) -> str:
     seen = ""
     deadline = time.monotonic() + timeout

@@ -73,8 +73,20 @@ def test_broken_setups_fail():
     missing = by_item(machine([], packages={**PACKAGES, "deepspeed": None}))
     assert missing["deepspeed"].verdict == "warn" and "--deepspeed" in missing["deepspeed"].advice
     assert "DeepSpeed cpu_adam" not in missing
-    assert by_item(machine([A100], nvcc=None))["CUDA compiler"].verdict == "warn"
+    no_nvcc = by_item(machine([A100], nvcc=None))["DeepSpeed fused_adam"]
+    assert no_nvcc.verdict == "warn" and "nvcc" in no_nvcc.advice
     assert overall(check(machine([A100], ninja=False))) == "fail"
+
+
+def test_deepspeed_ops_name_the_kernel_each_preset_compiles():
+    """cpu_adam (offload presets) is a CPU kernel everywhere; fused_adam is CUDA on GPUs, a CPU build on CPU."""
+    cpu, gpu = by_item(machine([])), by_item(machine([A100]))
+    assert cpu["DeepSpeed cpu_adam"].value == gpu["DeepSpeed cpu_adam"].value == "can build (CPU kernel)"
+    assert cpu["DeepSpeed fused_adam"].value == "can build (CPU kernel)"
+    assert gpu["DeepSpeed fused_adam"].value == "can build (CUDA kernel)"
+    assert "zero2_offload" in cpu["DeepSpeed cpu_adam"].advice
+    assert "(zero2, zero3)" in cpu["DeepSpeed fused_adam"].advice
+    assert by_item(machine([], nvcc=None))["DeepSpeed fused_adam"].verdict == "ok"  # nvcc only for the CUDA kernel
 
 
 def test_this_machine_and_the_command(monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,38 @@ def test_cli_eval_writes_predictions(tiny_llama, tmp_path, monkeypatch, capsys):
     code, stdout, _ = run_cli(monkeypatch, capsys, "eval", str(tiny_llama), "--data", str(TASK_DEV),
                               "-o", str(out))
     assert code == 0 and "exact-match accuracy" in stdout and "perplexity" in stdout
+
+
+def test_cli_eval_paths_and_flag_spellings(tiny_llama, tiny_minicpm3, tmp_path, monkeypatch, capsys):
+    """Unwritable -o and a mismatched --adapter are one-line errors; flags take dashes or underscores."""
+    from train_helpers import ADAPTER_TARGETS, make_adapter, run_cli
+
+    eval_dev = ["eval", str(tiny_llama), "--data", str(TASK_DEV), "--json"]
+    code, _, err = run_cli(monkeypatch, capsys, *eval_dev, "-o", str(tmp_path))
+    assert code == 1 and err.count("\n") == 1 and f"-o {tmp_path} is a folder" in err
+    code, _, err = run_cli(monkeypatch, capsys, *eval_dev, "-o", str(Path(__file__) / "pred.jsonl"))
+    assert code == 1 and err.count("\n") == 1 and f"{Path(__file__)} is a file, not a folder" in err
+
+    def refused(result, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("minicpm_train.evaluate.write_predictions", refused)
+    code, _, err = run_cli(monkeypatch, capsys, *eval_dev, "-o", str(tmp_path / "p.jsonl"))
+    assert code == 1 and err.strip() == f"error: Permission denied: {tmp_path / 'p.jsonl'}"  # after the progress
+    monkeypatch.undo()
+
+    adapter = make_adapter(tiny_minicpm3, tmp_path / "m3_adapter", ADAPTER_TARGETS["minicpm3"])
+    code, _, err = run_cli(monkeypatch, capsys, *eval_dev, "--adapter", str(adapter))
+    assert code == 1 and err.count("\n") == 1 and "trained on another model" in err
+
+    metrics = []
+    for flags in (["--batch-size", "4", "--model-max-length", "64", "--max-new-tokens", "2"],
+                  ["--batch_size", "4", "--model_max_length", "64", "--max_new_tokens", "2"]):
+        code, out, err = run_cli(monkeypatch, capsys, *eval_dev, "--labels", "none", "--generate",
+                                 "-o", str(tmp_path / "p.jsonl"), *flags)
+        assert code == 0, err
+        metrics.append(json.loads(out))
+    assert metrics[0] == metrics[1]
 
 
 def test_real_ocnli_dev(loaded, shared_dir):

@@ -102,3 +102,20 @@ def test_nvidia_smi_line_to_device():
 def test_launcher_mode_leaves_device_visibility_to_the_launcher():
     plan = decide(LaunchOptions(include="localhost:2,3"), [A100] * 4)
     assert "CUDA_VISIBLE_DEVICES" not in plan.env and plan.launcher_argv[:2] == ["--include", "localhost:2,3"]
+
+
+@pytest.mark.parametrize("preset", [None, "cuda"])
+def test_cpu_launcher_names_deepspeeds_accelerator_unless_set(tmp_path, monkeypatch, preset):
+    """DeepSpeed warns while it guesses a CPU accelerator: a CPU run names it, a user's choice stays."""
+    from minicpm_train.args import ResolvedRun, RunOptions
+    from minicpm_train.launch import run_launcher
+
+    if preset:
+        monkeypatch.setenv("DS_ACCELERATOR", preset)
+    else:
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    seen = {}
+    monkeypatch.setattr("subprocess.call", lambda argv, env: seen.update(env) or 0)
+    run = ResolvedRun(RunOptions(), LaunchOptions(num_gpus=2), {"output_dir": str(tmp_path)})
+    assert run_launcher(run, decide(LaunchOptions(num_gpus=2), [])) == 0
+    assert seen["DS_ACCELERATOR"] == (preset or "cpu") and seen["CUDA_VISIBLE_DEVICES"] == ""

@@ -93,6 +93,17 @@ def test_full_finetune(tmp_path, tiny_llama, data_cache):
     check_mode(tmp_path, tiny_llama, data_cache, adapter=False)
 
 
+def test_resume_auto_without_a_complete_checkpoint_starts_fresh(tmp_path):
+    from minicpm_train.recipe import _resume_point
+
+    (tmp_path / "checkpoint-8").mkdir()  # killed while saving: no trainer_state.json
+    said: list[str] = []
+    assert _resume_point("auto", tmp_path, said.append) is None
+    assert _resume_point("auto", tmp_path / "new", said.append) is None
+    assert said == [f"resume: no checkpoint in {tmp_path}, starting fresh",
+                    f"resume: no checkpoint in {tmp_path / 'new'}, starting fresh"]
+
+
 def test_lora_with_guide_defaults(tmp_path, tiny_llama, data_cache):
     result = check_mode(tmp_path, tiny_llama, data_cache, "--use_lora", adapter=True)
     config = json.loads((result.output_dir / "adapter_config.json").read_text())
@@ -101,10 +112,18 @@ def test_lora_with_guide_defaults(tmp_path, tiny_llama, data_cache):
 
 
 def test_minicpm3_lora_targets_its_latent_attention(tmp_path, tiny_minicpm3, data_cache):
+    """A LoRA run on MiniCPM3ForCausalLM adapts its latent attention, learns, and reloads to the same logits."""
+    import torch
+
     argv = task_argv(tiny_minicpm3, tmp_path / "m3", data_cache, "--use_lora", "--lora_r", "8", steps=4)
     result = run_in_process(argv)
     config = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj", "q_b_proj"]
+    losses = eval_losses(result.log_history)
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    batch = {k: v for k, v in dev_batch(tiny_minicpm3).items() if k != "labels"}
+    reloaded = reload_trained(result.output_dir, tiny_minicpm3, adapter=True)
+    torch.testing.assert_close(logits(reloaded, batch), logits(result.model.eval(), batch), atol=1e-4, rtol=1e-4)
     with pytest.raises(ModelError, match="q_proj, v_proj not in this minicpm3 model.*kv_a_proj_with_mqa"):
         run_in_process(argv + ["--lora_target", "q_proj,v_proj"])
 

@@ -1,4 +1,5 @@
-"""`minicpm-train run --script`: the guide's own script, verbatim, runs end to end on a CPU-only machine."""
+"""`minicpm-train run --script`: the guide's own script, verbatim, runs end to end on a CPU-only machine;
+run and plan flags in either spelling; flag mistakes as one line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train_helpers import MAX_LENGTH, TASK_DEV, TASK_TRAIN
+from train_helpers import MAX_LENGTH, TASK_DEV, TASK_TRAIN, run_cli
 
 
 CLI = str(Path(sys.executable).with_name("minicpm-train"))
@@ -38,3 +39,21 @@ def test_guide_script_runs_on_cpu(tmp_path, tiny_llama, data_cache):
     assert config["training_arguments"]["train_sampling_strategy"] == "group_by_length"
     assert config["training_arguments"]["eval_strategy"] == "steps"
     assert "eval loss" in out and "tok/s" in out
+    assert "Setting accelerator to CPU" not in result.stdout + result.stderr  # DS_ACCELERATOR=cpu, set by run
+
+
+def test_run_and_plan_flags_take_both_spellings(tiny_llama, tmp_path, monkeypatch, capsys):
+    flags = ["--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "out"),
+             "--train_data_path", str(TASK_TRAIN), "--max_steps", "3", "--num_gpus", "1"]
+    dashed = [flag.replace("_", "-") if flag.startswith("--") else flag for flag in flags]
+    shown = []
+    for argv in (["run", "--dry_run", *flags], ["run", "--dry-run", *dashed]):
+        code, out, err = run_cli(monkeypatch, capsys, *argv)
+        assert code == 0 and "run: in-process" in out, err
+        shown.append(out)
+    assert shown[0] == shown[1]
+    plans = [run_cli(monkeypatch, capsys, "plan", gpu_memory, "8", "--json", *argv)[1]
+             for gpu_memory, argv in (("--gpu_memory", flags), ("--gpu-memory", dashed))]
+    assert plans[0] == plans[1] and json.loads(plans[0])["verdict"] == "fits"
+    code, _, err = run_cli(monkeypatch, capsys, "run", *flags, "--resume-from-checkpoint", str(tmp_path / "none"))
+    assert code == 1 and err.count("\n") == 1 and "--resume_from_checkpoint" in err and "does not exist" in err

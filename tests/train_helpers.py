@@ -98,6 +98,24 @@ def reload_trained(output_dir: Path, base: Path, *, adapter: bool, qlora: bool =
     return model
 
 
+ADAPTER_TARGETS = {"llama": ["q_proj", "v_proj"],
+                   "minicpm3": ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj"]}
+
+
+def make_adapter(base: Path, out: Path, targets: list[str]) -> Path:
+    """A LoRA adapter with non-zero B (random init), so merging changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(out)
+    return out
+
+
 def dev_batch(tokenizer_dir: Path, count: int = 8):
     """A padded batch of the first dev samples, rendered as training renders them."""
     from minicpm_data.tokenizer import load_tokenizer
