@@ -51,8 +51,9 @@ def _print_convert_summary(summary) -> None:
     from rich.table import Table
 
     table = Table(title="convert", title_justify="left", header_style="bold")
-    for column in ("input", "format", "read", "written", "rejected"):
-        table.add_column(column, justify="right" if column in ("read", "written", "rejected") else "left")
+    table.add_column("input", overflow="fold")  # a long path wraps in a narrow pipe, never cut
+    for column in ("format", "read", "written", "rejected"):
+        table.add_column(column, justify="left" if column == "format" else "right")
     for item in summary.files:
         fmt = f"{item.format} (detected)" if item.detected else item.format or "-"
         table.add_row(escape(item.path), fmt, str(item.read), str(item.written), str(item.rejected))
@@ -67,8 +68,16 @@ def _print_convert_summary(summary) -> None:
     for name, part in summary.splits.items():
         console.print(f"{name}: {part['records']} records -> {escape(part['path'])}")
     if not summary.splits:
-        console.print(f"output: {escape(summary.output)}")
+        console.print(f"output: {escape(summary.output or 'none (no records written)')}")
     console.print(f"rejects: {escape(summary.rejects_path)}")
+
+
+def _nothing_written(summary) -> str:
+    """Why a conversion wrote no record: the CLI's one-line error."""
+    if not summary.read:
+        return f"no records in {', '.join(item.path for item in summary.files)}"
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejects.most_common())
+    return f"no records written: all {summary.rejected} rejected ({reasons}); see {summary.rejects_path}"
 
 
 @app.command("convert")
@@ -92,10 +101,13 @@ def convert_command(
     seed: int = typer.Option(42, "--seed", help="Seed for --dev-ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Convert raw chat data into MiniCPM's messages format; every record is written or rejected."""
+    """Convert raw chat data into MiniCPM's messages format; every record is written or rejected.
+
+    Exits 1 when no record is written (no output file then; the rejects file says why)."""
     from rich.markup import escape
 
     from minicpm_data.convert import ConvertOptions, convert_and_split, convert_files
+    from minicpm_data.errors import InputError
 
     options = ConvertOptions(source=source, encoding=encoding, user_col=user_col, assistant_col=assistant_col,
                              system_col=system_col, template=template, system=system, tool_turns=tool_turns,
@@ -114,12 +126,14 @@ def convert_command(
             summary = convert_and_split(inputs, output, dev_ratio=dev_ratio, seed=seed, options=options, fmt=fmt,
                                         rejects_path=rejects, progress=progress)
     for item in summary.files:
-        if not item.read:
+        if not item.read and summary.read:  # with no records at all, the error below says so
             err_console.print(f"[yellow]warning:[/] {escape(item.path)}: no records (empty input)", soft_wrap=True)
     if as_json:
         _print_json(summary.to_dict())
     else:
         _print_convert_summary(summary)
+    if summary.output is None:
+        raise InputError(_nothing_written(summary))
 
 
 @app.command("validate")
@@ -182,6 +196,11 @@ _TEMPLATE_HELP = "Chat layout: chatml (MiniCPM3/4/4.1/SALA/5) or minicpm2 (<ç”¨æ
 _TRUNCATION_HELP = "right: keep the first N tokens; drop: never train on a sample longer than N."
 
 
+def _no_colour() -> bool:
+    """Whether stdout shows no colours (a pipe, NO_COLOR): then views mark with characters instead."""
+    return console.color_system is None or console.no_color
+
+
 def _load_for_render(tokenizer: str, template: str | None, trust_remote_code: bool):
     from minicpm_data.render import detect_template
     from minicpm_data.tokenizer import load_tokenizer
@@ -209,8 +228,11 @@ def stats_command(
 
     from minicpm_data import report
     from minicpm_data.stats import compute_stats, read_all
+    from minicpm_data.validate import require_valid
 
     plot = None if plot is None else report.plot_path(plot)
+    for file in files:
+        require_valid(file)  # what training would refuse is not measured
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
     all_stats = []
     for file in files:
@@ -232,7 +254,7 @@ def stats_command(
     for stats in all_stats:
         console.print(report.suggestion_text(stats))
     for stats in all_stats:
-        console.print(report.histogram(stats))
+        console.print(report.histogram(stats, markers=_no_colour()))
     if plot is not None:
         console.print(f"plot written to {plot}", markup=False, highlight=False, soft_wrap=True)
 
@@ -255,7 +277,9 @@ def inspect_command(
     from minicpm_data.errors import InputError
     from minicpm_data.io import read_conversations
     from minicpm_data.render import render
+    from minicpm_data.validate import require_valid
 
+    require_valid(file)  # what training would refuse is not shown as if it were trained
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
     chosen = list(islice(read_conversations(file), index, index + count))
     if not chosen:
@@ -265,8 +289,7 @@ def inspect_command(
         full = render(conversation, loaded, template=template)
         cut = None if model_max_length is None else render(conversation, loaded, template=template,
                                                            max_length=model_max_length, truncation=truncation)
-        console.print(report.inspect_view(number, conversation, full, loaded, cut,
-                                          markers=console.color_system is None or console.no_color))
+        console.print(report.inspect_view(number, conversation, full, loaded, cut, markers=_no_colour()))
 
 
 if __name__ == "__main__":

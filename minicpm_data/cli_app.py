@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from minicpm_data.errors import MinicpmError
 
@@ -19,9 +20,17 @@ def make_app(name: str, help: str) -> typer.Typer:
 
 
 def run_app(app: typer.Typer) -> None:
-    """Run ``app``, turning ``MinicpmError`` into one line on stderr and exit code 1 (no traceback)."""
+    """Run ``app``: library errors, and paths the system refuses (permission denied, a full disk, a folder
+    where a file should go), become one line on stderr and exit code 1, never a traceback."""
     try:
         app()
     except MinicpmError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(error))
+    except OSError as error:
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        _fail(f"{error.strerror}: {where}" if error.strerror and where else str(error))
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(1)

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import orjson
 
 from minicpm_data.errors import InputError
-from minicpm_data.io import (iter_raw_records, json_lines, output_format, parse_line, record_writer, require_file,
-                              serialize)
+from minicpm_data.io import (TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format, parse_line,
+                              record_writer, require_file, serialize, table_columns)
 from minicpm_data.repair import TOOL_POLICIES, finish
 from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
 
@@ -57,9 +57,11 @@ class FileSummary:
 
 @dataclass
 class ConvertSummary:
-    """Counts for a run: ``read == written + rejected``, per file, with repairs and rejects by kind."""
+    """Counts for a run: ``read == written + rejected``, per file, with repairs and rejects by kind.
 
-    output: str
+    ``output`` is ``None`` when no record was written: then no output file is written either."""
+
+    output: str | None
     rejects_path: str
     files: list[FileSummary] = field(default_factory=list)
     repairs: Counter = field(default_factory=Counter)
@@ -91,15 +93,18 @@ def default_rejects_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.rejects.jsonl")
 
 
-def _check_paths(inputs: Sequence[Path], output: Path, rejects: Path) -> None:
+def _check_paths(inputs: Sequence[Path], outputs: Sequence[Path], rejects: Path) -> None:
+    """Refuse, before anything is written, missing inputs and outputs that would overwrite an input."""
     for path in inputs:
         require_file(path)
     resolved = {path.resolve() for path in inputs}
-    for target, what in ((output, "output"), (rejects, "rejects file")):
+    for target, what in [*((output, "output") for output in outputs), (rejects, "rejects file")]:
         if target.resolve() in resolved:
             raise InputError(f"{target}: the {what} is also an input; choose another path")
-    if output.resolve() == rejects.resolve():
-        raise InputError(f"{output}: the output and the rejects file are the same path")
+        check_target(target)
+    for output in outputs:
+        if output.resolve() == rejects.resolve():
+            raise InputError(f"{output}: the output and the rejects file are the same path")
 
 
 def _check_options(options: ConvertOptions) -> None:
@@ -116,6 +121,9 @@ def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: 
                   progress: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
     """Convert every record of ``inputs`` into ``output``; rejected records go to ``rejects_path``.
 
+    When no record is written (all rejected, or none read) there is no output file; the rejects file
+    is always written.
+
     ``progress`` is called with the file's counts when its format is known (``read == 0``: e.g. to say
     what auto detected) and then every :data:`PROGRESS_EVERY` records.
     """
@@ -124,14 +132,16 @@ def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: 
     output = Path(output)
     fmt = output_format(output, fmt)
     rejects = Path(rejects_path) if rejects_path else default_rejects_path(output)
-    _check_paths(inputs, output, rejects)
+    _check_paths(inputs, [output], rejects)
     summary = ConvertSummary(str(output), str(rejects))
-    with record_writer(output, fmt) as out, record_writer(rejects, "jsonl") as rejected:
+    with record_writer(output, fmt, skip_empty=True) as out, record_writer(rejects, "jsonl") as rejected:
         sink = _Sink(summary, out, rejected, dedupe=options.dedupe, progress=progress)
         for path in inputs:
             file_summary = FileSummary(str(path))
             summary.files.append(file_summary)
             _convert_file(path, options, file_summary, sink, progress)
+    if not out.count:
+        summary.output = None
     return summary
 
 
@@ -207,14 +217,16 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
     if name == "auto" and head:
         name = detect_format([r.data for r in head], str(path))
         file_summary.detected = True
-    file_summary.format = name if head or name != "auto" else None
+    file_summary.format = None if name == "auto" else name
     if progress:
         progress(file_summary)
-    if not head:
+    if name == "auto":  # no records to detect from
         return
     source = make_source(name, **options.table_options())
-    if isinstance(head[0].data, dict) and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
-        source.check_columns(list(head[0].data), str(path))
+    if path.suffix.lower() in TABLE_SUFFIXES and (columns := table_columns(path, encoding=options.encoding)):
+        source.check_columns(columns, str(path))  # also for a header without rows
+    if not head:
+        return
     process = RecordProcessor(source, options, path)
     lines = json_lines(path, encoding=options.encoding) if options.workers > 1 else None
     if lines is None:
@@ -269,8 +281,9 @@ def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_
                       rejects_path: str | Path | None = None,
                       progress: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
     """Convert into the folder ``out_dir`` as ``train.<fmt>`` and ``dev.<fmt>`` (default json);
-    rejects go to ``out_dir/rejects.jsonl`` unless ``rejects_path`` is given."""
-    from minicpm_data.split import dev_indices, split_file
+    rejects go to ``out_dir/rejects.jsonl`` unless ``rejects_path`` is given. When no record is
+    written there is no split (``output`` is ``None``), as in :func:`convert_files`."""
+    from minicpm_data.split import dev_indices, split_file, split_paths
 
     out_dir = Path(out_dir)
     if out_dir.suffix.lower() in (".json", ".jsonl"):
@@ -278,10 +291,13 @@ def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_
     dev_indices(0, dev_ratio, seed)  # checks the ratio before any work
     fmt = output_format(f"x.{fmt or 'json'}")
     combined = out_dir / f".converted.{fmt}"
-    summary = convert_files(inputs, combined, options=options, fmt=fmt,
-                            rejects_path=rejects_path or out_dir / "rejects.jsonl", progress=progress)
+    rejects = Path(rejects_path) if rejects_path else out_dir / "rejects.jsonl"
+    _check_paths([Path(p) for p in inputs], [*split_paths(out_dir, fmt), combined], rejects)
+    summary = convert_files(inputs, combined, options=options, fmt=fmt, rejects_path=rejects, progress=progress)
+    if summary.output is None:
+        return summary
     try:
-        result = split_file(combined, out_dir, dev_ratio=dev_ratio, seed=seed, fmt=fmt, allow_empty=True)
+        result = split_file(combined, out_dir, dev_ratio=dev_ratio, seed=seed, fmt=fmt)
     finally:
         combined.unlink(missing_ok=True)
     summary.output = str(out_dir)

@@ -2,8 +2,8 @@
 
 Raw inputs: ``.json`` (a list, a single object, or JSON Lines under a .json name), ``.jsonl``,
 ``.csv``, ``.tsv`` and ``.parquet``. Text encodings: UTF-8, UTF-8 with BOM, UTF-16 with BOM and
-GBK/GB18030, detected from the bytes or forced with ``encoding=``. JSON Lines are streamed line by
-line, so memory does not grow with the file; a JSON list is parsed whole (orjson).
+GBK/GB18030, detected while reading (the file is read once) or forced with ``encoding=``. JSON Lines
+and tables are streamed, so memory does not grow with the file; a JSON list is parsed whole (orjson).
 
 Outputs are written to a temporary file beside the target and renamed into place, so an
 interrupted run never leaves a partial file.
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,11 +29,14 @@ from minicpm_data.conversation import Conversation
 from minicpm_data.errors import InputError
 
 RAW_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 OUTPUT_FORMATS = ("json", "jsonl")
-_SNIFF_BYTES = 1 << 16
+_READ_BYTES = 1 << 18
+_SNIFF_BYTES = 1 << 16  # from the first non-ASCII byte: what decides between UTF-8 and GB18030
 _WRITE_BUFFER = 1 << 20  # records are a few KB each: fewer, larger writes
 # Tried in this order when no encoding is given (a BOM decides first).
 _FALLBACK_ENCODINGS = ("utf-8", "gb18030")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,30 +60,37 @@ class RecordParseError(InputError):
         return type(self), (self.path, self.line, self.detail)
 
 
-# --- encodings --------------------------------------------------------------------------------
+# --- encodings ------------------------------------------------------------------------------------
 
 
-def detect_encoding(path: Path) -> str:
-    """Guess a text file's encoding from a BOM, else from whether its first bytes decode."""
-    with open(path, "rb") as handle:
-        head = handle.read(_SNIFF_BYTES)
+def _bom_encoding(head: bytes) -> str | None:
     if head.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
+    return None
+
+
+def _sniff(data: bytes, path: Path, lines_before: int = 0) -> str:
+    """UTF-8 or GB18030 for ``data``, ASCII (the same in both) up to a first non-ASCII byte: the first
+    of the two that decodes the 64 KB from that byte on. ``lines_before``: newlines before ``data``."""
+    start = _NON_ASCII.search(data).start()
+    window = data[start:start + _SNIFF_BYTES]
     first_error = None
     for encoding in _FALLBACK_ENCODINGS:
         try:
-            # final=False: the sniffed head may end inside a multi-byte character.
-            codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+            # final=False: the window may end inside a multi-byte character.
+            codecs.getincrementaldecoder(encoding)().decode(window, final=False)
             return encoding
         except UnicodeDecodeError as error:
             first_error = first_error or error
-    line = head.count(b"\n", 0, first_error.start) + 1
+    line = lines_before + data.count(b"\n", 0, start + first_error.start) + 1
     raise RecordParseError(path, line, "bytes are neither UTF-8 nor GB18030; pass --encoding")
 
 
-def _check_encoding(encoding: str) -> str:
+def _check_encoding(encoding: str | None) -> str | None:
+    if encoding is None:
+        return None
     try:
         "".encode(encoding)  # LookupError also for codecs that are not text encodings (base64, zlib)
     except LookupError:
@@ -88,6 +100,50 @@ def _check_encoding(encoding: str) -> str:
 
 def _undecodable(path: Path, line: int, encoding: str) -> RecordParseError:
     return RecordParseError(path, line, f"bytes cannot be decoded as {encoding}; pass --encoding")
+
+
+def _pieces(path: Path, encoding: str | None, *, as_bytes: bool = False) -> Iterator[bytes | str]:
+    """A text file's content in pieces of :data:`_READ_BYTES`, decoded; left as bytes while the text is
+    UTF-8 and ``as_bytes`` (orjson parses those directly, fastest, and checks they are UTF-8).
+
+    Without ``encoding``: a BOM's, else UTF-8, or GB18030 when the bytes from the first non-ASCII one
+    on are not UTF-8 (everything before is ASCII, the same in both). That is decided where the byte
+    comes, however late, so a large file is still read once. A later undecodable byte is an error.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read(_READ_BYTES)
+        encoding = encoding or _bom_encoding(data)
+        if encoding in ("utf-8", "utf-8-sig"):
+            encoding, data = "utf-8", data.removeprefix(codecs.BOM_UTF8)
+        lines = 0  # newlines before ``data``
+        while encoding is None:  # ASCII so far
+            if not data.isascii():
+                data += handle.read(_SNIFF_BYTES)  # the 64 KB window may reach past this read
+                encoding = _sniff(data, path, lines)
+            elif data:
+                yield data if as_bytes else data.decode("ascii")
+                lines += data.count(b"\n")
+                data = handle.read(_READ_BYTES)
+            else:
+                return
+        if as_bytes and encoding == "utf-8":
+            while data:
+                yield data
+                data = handle.read(_READ_BYTES)
+            return
+        decoder = codecs.getincrementaldecoder(encoding)()
+        first = lines == 0
+        while True:
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeError as error:  # also UTF-16/32 without a BOM, and codecs such as idna
+                before = error.object.count(b"\n", 0, error.start) if isinstance(error, UnicodeDecodeError) else 0
+                raise _undecodable(path, lines + before + 1, encoding) from None
+            yield text.removeprefix("\ufeff") if first else text
+            if not data:
+                return
+            first, lines = False, lines + data.count(b"\n")
+            data = handle.read(_READ_BYTES)
 
 
 # --- raw records --------------------------------------------------------------------------------
@@ -110,28 +166,21 @@ def iter_raw_records(path: str | Path, *, encoding: str | None = None) -> Iterat
         raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; expected one of {', '.join(RAW_SUFFIXES)}")
     if suffix == ".parquet":
         return _iter_parquet(path)
-    encoding = _check_encoding(encoding) if encoding else detect_encoding(path)
+    encoding = _check_encoding(encoding)
     if suffix in (".csv", ".tsv"):
-        return _iter_delimited(path, encoding, "\t" if suffix == ".tsv" else ",")
+        return _iter_delimited(path, encoding)
     return _iter_json(path, encoding)
 
 
-def _first_char(path: Path, encoding: str) -> str:
-    number = 0
-    with open(path, encoding=encoding, errors="replace") as handle:
-        try:
-            for number, line in enumerate(handle, 1):
-                stripped = line.lstrip("\ufeff \t\r\n")
-                if stripped:
-                    return stripped[0]
-        except UnicodeError:  # despite errors="replace": UTF-16/32 without a BOM, idna
-            raise _undecodable(path, number + 1, encoding) from None
+def _first_char(path: Path, encoding: str | None) -> str:
+    for piece in _pieces(path, encoding):
+        if stripped := piece.lstrip(" \t\r\n"):
+            return stripped[0]
     return ""
 
 
 def json_layout(path: Path, encoding: str | None = None) -> str:
     """How a .json/.jsonl file holds its records: ``list``, ``object`` (a single one) or ``lines``."""
-    encoding = encoding or detect_encoding(path)
     first = _first_char(path, encoding)
     if first == "[":
         return "list"
@@ -142,7 +191,7 @@ def json_layout(path: Path, encoding: str | None = None) -> str:
     raise RecordParseError(path, 1, f"not JSON records (starts with {first!r}); expected a list, an object or JSON Lines")
 
 
-def _iter_json(path: Path, encoding: str) -> Iterator[RawRecord]:
+def _iter_json(path: Path, encoding: str | None) -> Iterator[RawRecord]:
     layout = json_layout(path, encoding)
     if layout == "lines":
         return _iter_json_lines(path, encoding)
@@ -154,17 +203,23 @@ def _iter_json(path: Path, encoding: str) -> Iterator[RawRecord]:
     return (RawRecord(index, None, item) for index, item in enumerate(data))
 
 
-def _decode_json(text: bytes | str, path: Path, line_offset: int = 0) -> Any:
+def _decode_json(data: bytes | str, path: Path, line: int | None = None) -> Any:
+    """Parse JSON; an error names ``line`` (a JSON Lines record) or its own line in ``data``."""
     try:
-        return orjson.loads(text)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as error:
-        if "UTF-8" in error.msg:
-            raise _undecodable(path, line_offset + error.lineno, "utf-8") from None
-        raise RecordParseError(path, line_offset + error.lineno, f"invalid JSON: {error.msg} (column {error.colno})") from None
+        if "UTF-8" not in error.msg or not isinstance(data, bytes):
+            raise RecordParseError(path, line or error.lineno, f"invalid JSON: {error.msg} (column {error.colno})") from None
+    try:  # orjson puts bytes that are not UTF-8 on line 1, wherever they are: find the first
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = line or data.count(b"\n", 0, error.start) + 1
+    raise _undecodable(path, line or 1, "utf-8")
 
 
-def _load_whole_json(path: Path, encoding: str) -> Any:
+def _load_whole_json(path: Path, encoding: str | None) -> Any:
     raw = path.read_bytes()
+    encoding = encoding or _bom_encoding(raw) or ("utf-8" if raw.isascii() else _sniff(raw, path))
     if encoding in ("utf-8", "utf-8-sig"):
         return _decode_json(raw.removeprefix(codecs.BOM_UTF8), path)
     try:
@@ -174,7 +229,7 @@ def _load_whole_json(path: Path, encoding: str) -> Any:
     return _decode_json(text.removeprefix("\ufeff"), path)
 
 
-def _first_line_is_object(path: Path, encoding: str) -> bool:
+def _first_line_is_object(path: Path, encoding: str | None) -> bool:
     for _, text in _numbered_lines(path, encoding):
         if text.strip():
             try:
@@ -184,28 +239,34 @@ def _first_line_is_object(path: Path, encoding: str) -> bool:
     return False
 
 
-def _numbered_lines(path: Path, encoding: str) -> Iterator[tuple[int, bytes | str]]:
-    """1-based lines; bytes for UTF-8 (orjson reads them directly, fastest), else decoded text."""
-    if encoding in ("utf-8", "utf-8-sig"):
-        with open(path, "rb") as handle:
-            for number, line in enumerate(handle, 1):
-                yield number, (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line)
-        return
-    number = 0
-    with open(path, encoding=encoding, newline="") as handle:
-        try:
-            for number, line in enumerate(handle, 1):
-                yield number, line.removeprefix("\ufeff")
-        except UnicodeError:
-            raise _undecodable(path, number + 1, encoding) from None
+def _numbered_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, bytes | str]]:
+    """1-based lines, split at \\n; bytes while the text is UTF-8 (orjson reads them directly), else str."""
+    number, rest = 0, []  # rest: the pieces of a line not ended yet
+    for piece in _pieces(path, encoding, as_bytes=True):
+        lines = piece.split(b"\n" if isinstance(piece, bytes) else "\n")
+        rest.append(lines[0])
+        if len(lines) > 1:
+            lines[0] = _joined(rest)
+            rest = [lines.pop()]
+            yield from enumerate(lines, number + 1)
+            number += len(lines)
+    if rest and (last := _joined(rest)):
+        yield number + 1, last
 
 
-def _iter_json_lines(path: Path, encoding: str) -> Iterator[RawRecord]:
+def _joined(parts: list[bytes | str]) -> bytes | str:
+    """One line from its pieces; bytes pieces before a str one are ASCII (read before GB18030 was detected)."""
+    if isinstance(parts[-1], bytes):
+        return b"".join(parts)
+    return "".join(part.decode("ascii") if isinstance(part, bytes) else part for part in parts)
+
+
+def _iter_json_lines(path: Path, encoding: str | None) -> Iterator[RawRecord]:
     for index, number, text in _unparsed_lines(path, encoding):
         yield RawRecord(index, number, parse_line(path, number, text))
 
 
-def _unparsed_lines(path: Path, encoding: str) -> Iterator[tuple[int, int, bytes | str]]:
+def _unparsed_lines(path: Path, encoding: str | None) -> Iterator[tuple[int, int, bytes | str]]:
     index = 0
     for number, text in _numbered_lines(path, encoding):
         if text and not text.isspace():
@@ -218,7 +279,7 @@ def parse_line(path: Path, line: int, text: bytes | str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return _decode_json(text, path, line - 1)  # raises, naming the line
+        return _decode_json(text, path, line)  # raises, naming the line
 
 
 def json_lines(path: str | Path, *, encoding: str | None = None) -> Iterator[tuple[int, int, bytes | str]] | None:
@@ -229,41 +290,84 @@ def json_lines(path: str | Path, *, encoding: str | None = None) -> Iterator[tup
     path = Path(path)
     if path.suffix.lower() not in (".json", ".jsonl"):
         return None
-    encoding = _check_encoding(encoding) if encoding else detect_encoding(path)
+    encoding = _check_encoding(encoding)
     return _unparsed_lines(path, encoding) if json_layout(path, encoding) == "lines" else None
 
 
-def _iter_delimited(path: Path, encoding: str, delimiter: str) -> Iterator[RawRecord]:
-    """CSV/TSV rows as dicts keyed by the header; quoted fields may span lines."""
-    with open(path, encoding=encoding, newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-            if header is None:
-                return
-            header = [name.lstrip("\ufeff").strip() for name in header]
+def _text_lines(path: Path, encoding: str | None) -> Iterator[str]:
+    """Lines with their ends, split at \\r\\n, \\r or \\n, as :mod:`csv` reads them."""
+    rest = ""
+    for piece in _pieces(path, encoding):
+        lines = io.StringIO(rest + piece, newline="").readlines()
+        # A last line without LF may go on in the next piece (a CR at its end may be half of a CRLF).
+        rest = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _rows(path: Path, encoding: str | None) -> Iterator[tuple[int, list[str]]]:
+    """``(first line, cells)`` of every non-empty CSV/TSV row, the header included."""
+    kind, delimiter = ("TSV", "\t") if path.suffix.lower() == ".tsv" else ("CSV", ",")
+    # strict: a quote left open is an error, not the rest of the file swallowed into one cell
+    reader = csv.reader(_text_lines(path, encoding), delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        for row in reader:
+            if row:
+                yield start, row
             start = reader.line_num + 1
-            for index, row in enumerate(reader):
-                if row:
-                    # Short rows get empty cells; cells beyond the header are kept under numbered keys.
-                    row = [cell.replace("\r\n", "\n") for cell in row]  # CRLF inside quoted cells
-                    values = dict(zip(header, row + [""] * (len(header) - len(row))))
-                    values.update({f"column_{i + 1}": cell for i, cell in enumerate(row) if i >= len(header)})
-                    yield RawRecord(index, start, values)
-                start = reader.line_num + 1
-        except UnicodeError:
-            raise _undecodable(path, reader.line_num + 1, encoding) from None
-        except csv.Error as error:
-            raise RecordParseError(path, reader.line_num, f"invalid {'TSV' if delimiter == chr(9) else 'CSV'}: {error}") from None
+    except csv.Error as error:
+        if str(error) == "unexpected end of data":
+            raise RecordParseError(path, start, f"invalid {kind}: a quoted field in the row starting on this "
+                                                f"line is never closed") from None
+        raise RecordParseError(path, reader.line_num, f"invalid {kind}: {error}") from None
+
+
+def _iter_delimited(path: Path, encoding: str | None) -> Iterator[RawRecord]:
+    """CSV/TSV rows as dicts keyed by the header; quoted fields may span lines."""
+    rows = _rows(path, encoding)
+    header = next(rows, None)
+    if header is None:
+        return
+    names = _column_names(header[1])
+    for index, (line, row) in enumerate(rows):
+        # Short rows get empty cells; cells beyond the header are kept under numbered keys.
+        row = [cell.replace("\r\n", "\n") for cell in row]  # CRLF inside quoted cells
+        values = dict(zip(names, row + [""] * (len(names) - len(row))))
+        values.update({f"column_{i + 1}": cell for i, cell in enumerate(row) if i >= len(names)})
+        yield RawRecord(index, line, values)
+
+
+def _column_names(header: list[str]) -> list[str]:
+    return [name.strip() for name in header]
+
+
+def table_columns(path: str | Path, *, encoding: str | None = None) -> list[str]:
+    """The column names of a ``.csv``/``.tsv`` (its header row; none for an empty file) or ``.parquet`` file."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import polars as pl
+
+        with _parquet_errors(path):
+            return list(pl.read_parquet_schema(path))
+    header = next(_rows(path, _check_encoding(encoding)), None)
+    return _column_names(header[1]) if header else []
+
+
+@contextmanager
+def _parquet_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:  # polars raises several unrelated types for unreadable files
+        raise InputError(f"{path}: cannot read Parquet: {str(error).splitlines()[0]}") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[RawRecord]:
     import polars as pl
 
-    try:
+    with _parquet_errors(path):
         frame = pl.read_parquet(path)
-    except Exception as error:  # polars raises several unrelated types for unreadable files
-        raise InputError(f"{path}: cannot read Parquet: {str(error).splitlines()[0]}") from None
     return (RawRecord(index, None, row) for index, row in enumerate(frame.iter_rows(named=True)))
 
 
@@ -311,13 +415,27 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def check_target(path: str | Path) -> None:
+    """Refuse, before anything is written, an output path that is a directory or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; name a file")
+    folder = next((parent for parent in path.parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"{path}: {folder} is a file, not a folder")
+
+
 @contextmanager
 def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary handle to a temporary file beside ``path``, renamed onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("wb", buffering=_WRITE_BUFFER, dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
+    check_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile("wb", buffering=_WRITE_BUFFER, dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=".tmp", delete=False)
+    except OSError as error:  # e.g. a folder without write permission
+        raise InputError(f"{path}: cannot write there: {error.strerror or error}") from None
     try:
         with handle:
             yield handle
@@ -362,14 +480,24 @@ class RecordWriter:
             self._handle.write(b"\n]\n" if self.count else b"]\n")
 
 
+class _NothingWritten(Exception):
+    """Ends :func:`record_writer` without a file when ``skip_empty`` and no record came."""
+
+
 @contextmanager
-def record_writer(path: str | Path, fmt: str | None = None) -> Iterator[RecordWriter]:
-    """Write records atomically to ``path`` as ``fmt`` (default: by extension)."""
+def record_writer(path: str | Path, fmt: str | None = None, *, skip_empty: bool = False) -> Iterator[RecordWriter]:
+    """Write records atomically to ``path`` as ``fmt`` (default: by extension); with ``skip_empty``, a run
+    that writes no record leaves no file (and an existing one as it was)."""
     fmt = output_format(path, fmt)
-    with atomic_writer(path) as handle:
-        writer = RecordWriter(handle, fmt)
-        yield writer
-        writer.close()
+    try:
+        with atomic_writer(path) as handle:
+            writer = RecordWriter(handle, fmt)
+            yield writer
+            writer.close()
+            if skip_empty and not writer.count:
+                raise _NothingWritten
+    except _NothingWritten:
+        pass
 
 
 def write_records(path: str | Path, records: Iterable[Any], fmt: str | None = None) -> int:

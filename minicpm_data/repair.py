@@ -3,7 +3,7 @@
 Applied in this order; with ``repair=False`` a record that needs any of them is rejected instead
 (reason ``needs repair``, the detail names the repair):
 
-- ``strip whitespace``: trim each turn's text (skipped for template-built, verbatim sources);
+- ``strip whitespace``: trim each turn's text (skipped for verbatim sources: ocnli's template, messages);
 - ``drop empty turns``: remove turns whose text is empty after stripping;
 - ``merge same-role turns``: join consecutive turns of one role with a newline;
 - ``drop leading assistant turn``: the first non-system turn must be the user's;

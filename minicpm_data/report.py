@@ -16,6 +16,7 @@ from minicpm_data.stats import FileStats
 
 HISTOGRAM_BINS = 16
 BAR_WIDTH = 40
+FIT_BAR, OVER_BAR = "█", "░"  # without colours, bins longer than model_max_length are drawn with OVER_BAR
 TRAINED_STYLE, PROMPT_STYLE, CUT_STYLE = "bold black on green", "dim", "strike red"
 
 
@@ -93,9 +94,10 @@ def _histogram_edges(low: int, high: int, limit: int) -> Any:
     return np.maximum(np.arange(first, high + width + 1, width), 0)
 
 
-def histogram(stats: FileStats) -> Group:
+def histogram(stats: FileStats, *, markers: bool = False) -> Group:
     """Length histogram in the terminal, on whole-token bins from the shortest to the longest sample;
-    green bins fit, red bins are longer than model_max_length (a bin edge when it lies within the lengths)."""
+    green bins fit, red bins are longer than model_max_length (a bin edge when it lies within the lengths).
+    ``markers``: for output without colours, the longer bins are also drawn with :data:`OVER_BAR`."""
     import numpy as np
 
     name = Path(stats.file).name
@@ -109,11 +111,14 @@ def histogram(stats: FileStats) -> Group:
         table.add_column(justify=justify)
     peak = int(counts.max())
     for count, start, end in zip(counts, edges[:-1], edges[1:] - 1):
-        bar = "█" * int(round(BAR_WIDTH * count / peak)) or ("▏" if count else "")
+        over = start > limit
+        full, tiny = (OVER_BAR, OVER_BAR) if markers and over else (FIT_BAR, "▏")
+        bar = full * int(round(BAR_WIDTH * count / peak)) or (tiny if count else "")
         label = f"{start:,}" if start == end else f"{start:,}-{end:,}"
         marker = f"← model_max_length {limit}" if end == limit else ""
-        table.add_row(label, Text(bar, style="red" if start > limit else "green"), f"{count:,}", marker)
-    title = Text(f"{name}: tokens per sample (red: longer than model_max_length {limit})", style="bold")
+        table.add_row(label, Text(bar, style="red" if over else "green"), f"{count:,}", marker)
+    key = f"{OVER_BAR}{OVER_BAR}{OVER_BAR}" if markers else "red"
+    title = Text(f"{name}: tokens per sample ({key}: longer than model_max_length {limit})", style="bold")
     return Group(title, table)
 
 
@@ -129,9 +134,9 @@ def plot_path(path: str | Path) -> Path:
     return path if path.suffix else path.with_suffix(".png")
 
 
-def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
-    """PNG histogram of tokens per sample, one series per file, model_max_length and suggestion marked;
-    ``path`` as :func:`plot_path` returns it."""
+def plot_figure(all_stats: Sequence[FileStats]) -> Any:
+    """A matplotlib figure: histogram of tokens per sample, one series per file, model_max_length marked,
+    and each file's suggested length (files with records) as a dotted line in its series' colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,16 +146,26 @@ def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
     limit = all_stats[0].model_max_length
     top = max(max(int(s.tokens.max) for s in all_stats), limit)
     for stats in all_stats:
-        axes.hist(stats.lengths, bins=60, range=(0, top), alpha=0.55, label=f"{Path(stats.file).name} "
-                  f"({stats.records:,} samples, {stats.over_max_length:,} over)")
+        name = Path(stats.file).name
+        *_, patches = axes.hist(stats.lengths, bins=60, range=(0, top), alpha=0.55,
+                                label=f"{name} ({stats.records:,} samples, {stats.over_max_length:,} over)")
+        if stats.records:
+            axes.axvline(stats.suggested_max_length, color=patches[0].get_facecolor(), alpha=1, linestyle=":",
+                         label=f"suggested for {name} = {stats.suggested_max_length}")
     axes.axvline(limit, color="red", linestyle="--", label=f"model_max_length = {limit}")
-    axes.axvline(all_stats[0].suggested_max_length, color="black", linestyle=":",
-                 label=f"suggested for {Path(all_stats[0].file).name} = {all_stats[0].suggested_max_length}")
     axes.set_xlabel("tokens per sample (rendered as training sees them)")
     axes.set_ylabel("samples")
     axes.set_title("Sample lengths")
     axes.legend()
     figure.tight_layout()
+    return figure
+
+
+def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
+    """Write :func:`plot_figure` as a PNG; ``path`` as :func:`plot_path` returns it."""
+    import matplotlib.pyplot as plt
+
+    figure = plot_figure(all_stats)
     path = Path(path)
     try:
         figure.savefig(path)
@@ -191,13 +206,16 @@ def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: 
                   + ("" if cut.trainable else ", never trained"))
     turns = Table(title=Text(title), title_justify="left", header_style="bold")
     for name in ("turn", "role", "tokens", "trained", "content"):
+        # The short columns keep their full header even in a narrow pipe; only the content column gives way
+        # (its cells are single lines cut with an ellipsis, so the table stays one row per turn).
         turns.add_column(name, justify="left" if name in ("role", "content") else "right",
-                         overflow="ellipsis", no_wrap=name == "content", max_width=60,
-                         min_width=9 if name == "role" else None)
+                         no_wrap=name != "content", max_width=60 if name == "content" else None,
+                         min_width=None if name == "content" else max(len(name), 9 if name == "role" else 0))
     start = 0
     for number, (message, end) in enumerate(zip(conversation.messages, full.turn_ends)):
         trained = sum(label != -100 for label in cut.labels[start:min(end, kept)])
-        turns.add_row(str(number), Text(message.role), f"{end - start:,}", f"{trained:,}", Text(repr(message.content)))
+        turns.add_row(str(number), Text(message.role), f"{end - start:,}", f"{trained:,}",
+                      Text(repr(message.content), no_wrap=True, overflow="ellipsis"))
         start = end
     legend = Text.assemble(("⟦trained⟧" if markers else "trained", TRAINED_STYLE), "  ",
                            ("not trained", PROMPT_STYLE), "  ", ("✂ cut by truncation" if markers else

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm_data.errors import InputError
-from minicpm_data.io import iter_raw_records, output_format, record_writer, require_file
+from minicpm_data.io import check_target, iter_raw_records, output_format, record_writer, require_file
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,30 @@ def dev_indices(count: int, dev_ratio: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(count), size))
 
 
+def split_paths(out_dir: Path, fmt: str) -> tuple[Path, Path]:
+    """``out_dir/train.<fmt>`` and ``out_dir/dev.<fmt>``; refuses, before anything is written, an
+    ``out_dir`` that is a file, or targets that cannot be files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file; with --dev-ratio, -o names a folder (it gets train.* and dev.*)")
+    paths = out_dir / f"train.{fmt}", out_dir / f"dev.{fmt}"
+    for target in paths:
+        check_target(target)
+    return paths
+
+
 def split_file(path: str | Path, out_dir: str | Path, *, dev_ratio: float = 0.1, seed: int = 42,
-               fmt: str | None = None, allow_empty: bool = False) -> SplitResult:
+               fmt: str | None = None) -> SplitResult:
     """Write ``out_dir/train.<fmt>`` and ``out_dir/dev.<fmt>`` (format: given, else the input's).
 
-    An input without records is an :class:`InputError` unless ``allow_empty`` (then both are empty)."""
+    An input without records is an :class:`InputError`."""
     path, out_dir = Path(path), Path(out_dir)
     require_file(path)
     fmt = fmt or output_format(path)
-    train_path, dev_path = out_dir / f"train.{fmt}", out_dir / f"dev.{fmt}"
+    train_path, dev_path = split_paths(out_dir, fmt)
     if path.resolve() in (train_path.resolve(), dev_path.resolve()):
         raise InputError(f"{path}: the split would overwrite its own input; choose another -o folder")
     count = sum(1 for _ in iter_raw_records(path))
-    if not count and not allow_empty:
+    if not count:
         raise InputError(f"{path}: no records to split")
     chosen = dev_indices(count, dev_ratio, seed)
     with record_writer(train_path, fmt) as train, record_writer(dev_path, fmt) as dev:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpm_data.conversation import ROLES
-from minicpm_data.errors import InputError
+from minicpm_data.errors import FormatError, InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "messages.schema.json"
 
@@ -143,3 +143,20 @@ def validate_file(path: str | Path) -> list[Problem]:
         return [Problem(name, None, error.line, "", error.detail)]
     except InputError as error:
         return [Problem(name, None, None, "", str(error).removeprefix(f"{name}: "))]
+
+
+def require_valid(path: str | Path) -> None:
+    """Raise :class:`FormatError` unless ``path`` passes :func:`validate_file`, as training requires.
+
+    The message is one line: ``FILE: N problem(s) in record(s) 1, 4; first: <problem>; see all with:
+    minicpm-data validate FILE``, or the problem alone when it is about the whole file (unreadable, empty).
+    """
+    problems = validate_file(path)
+    if not problems:
+        return
+    if len(problems) == 1 and problems[0].index is None:
+        raise FormatError(str(problems[0]))
+    where = sorted({problem.index for problem in problems} - {None})
+    records = ", ".join(map(str, where[:5])) + (", ..." if len(where) > 5 else "")
+    raise FormatError(f"{path}: {len(problems)} problem(s)" + (f" in record(s) {records}" if records else "")
+                      + f"; first: {problems[0]}; see all with: minicpm-data validate {path}")

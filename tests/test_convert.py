@@ -7,8 +7,9 @@ import json
 import pytest
 
 from minicpm_data.convert import ConvertOptions, convert_files
-from minicpm_data.errors import InputError
+from minicpm_data.errors import FormatError, InputError
 from minicpm_data.sources import REJECT_REASONS
+from minicpm_data.sources.ocnli import LABELS
 from minicpm_data.validate import validate_file
 
 # Fixture, options: together these produce every reject reason.
@@ -162,3 +163,71 @@ def test_progress_reports_detection_then_counts(fixtures_dir, tmp_path, monkeypa
     convert_files([fixtures_dir / "raw" / "alpaca.json"], tmp_path / "out.json",
                   progress=lambda item: calls.append((item.format, item.detected, item.read)))
     assert calls == [("alpaca", True, 0), ("alpaca", True, 4), ("alpaca", True, 8)]
+
+
+def test_all_rejected_writes_no_output_but_the_rejects(fixtures_dir, tmp_path):
+    source = tmp_path / "unlabelled.jsonl"
+    lines = (fixtures_dir / "raw" / "ocnli.json").read_text("utf-8").splitlines(True)
+    source.write_text("".join(line for line in lines if json.loads(line).get("label") not in LABELS), encoding="utf-8")
+    (tmp_path / "out.json").write_text("an earlier run's output\n")
+    summary = convert_files([source], tmp_path / "out.json")
+    assert (summary.read, summary.written, summary.output) == (3, 0, None)
+    assert (tmp_path / "out.json").read_text() == "an earlier run's output\n"  # left as it was, not replaced by []
+    assert len(_rejects(tmp_path / "out.rejects.jsonl")) == 3
+    (tmp_path / "out.json").unlink()
+    (tmp_path / "empty.jsonl").write_text("\n")
+    summary = convert_files([tmp_path / "empty.jsonl"], tmp_path / "out.json")
+    assert (summary.read, summary.output) == (0, None) and not (tmp_path / "out.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "out.rejects.jsonl", "unlabelled.jsonl"]
+
+
+def test_messages_whitespace_passes_verbatim_even_without_repair(tmp_path):
+    records = [{"messages": [{"role": "user", "content": f"question {i}\n"}, {"role": "assistant", "content": " a"}]}
+               for i in range(3)]
+    source = tmp_path / "chatml.json"
+    source.write_text(json.dumps(records, ensure_ascii=False, indent=4), encoding="utf-8")
+    for options in (ConvertOptions(source="messages"), ConvertOptions(source="messages", repair=False)):
+        summary = convert_files([source], tmp_path / "out.json", options=options)
+        assert summary.written == 3 and not summary.repairs
+        assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == records
+
+
+def test_header_only_table_still_checks_its_columns(tmp_path):
+    (tmp_path / "header.csv").write_text("question,answer\n", encoding="utf-8")
+    with pytest.raises(FormatError, match=r"header.csv: missing column 'Q' \(columns: question, answer\)"):
+        convert_files([tmp_path / "header.csv"], tmp_path / "out.json",
+                      options=ConvertOptions(source="csv", user_col="Q", assistant_col="answer"))
+    summary = convert_files([tmp_path / "header.csv"], tmp_path / "out.json",
+                            options=ConvertOptions(source="csv", user_col="question", assistant_col="answer"))
+    assert (summary.read, summary.output) == (0, None)
+
+
+def test_template_rows_with_an_empty_placeholder_are_rejected(tmp_path):
+    (tmp_path / "t.csv").write_text("n,q,a\n2,two?,yes\n,none?,no\n", encoding="utf-8")
+    summary = convert_files([tmp_path / "t.csv"], tmp_path / "out.jsonl",
+                            options=ConvertOptions(template="N={n}: {q}", assistant_col="a"))
+    [reject] = _rejects(tmp_path / "out.rejects.jsonl")
+    assert (summary.written, reject["line"], reject["reason"]) == (1, 3, "missing field")
+    assert json.loads((tmp_path / "out.jsonl").read_text())["messages"][0]["content"] == "N=2: two?"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_cut_off_last_line_names_its_line(tmp_path, workers):
+    source = tmp_path / "cut.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    source.write_text(f"{good}\n{good}\n{good[:30]}\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"cut.jsonl:3: invalid JSON: unexpected end of data"):
+        convert_files([source], tmp_path / "out.jsonl", options=ConvertOptions(workers=workers))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_late_gbk_jsonl_converts_alike_in_workers(tmp_path, workers):
+    lines = [json.dumps({"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]})
+             for i in range(3000)]
+    lines.append(json.dumps({"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "好"}]},
+                            ensure_ascii=False))
+    source = tmp_path / "late.jsonl"
+    source.write_bytes(("\n".join(lines) + "\n").encode("gbk"))
+    summary = convert_files([source], tmp_path / "out.jsonl", options=ConvertOptions(workers=workers))
+    last = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()[-1]
+    assert summary.written == 3001 and json.loads(last)["messages"][0]["content"] == "你好"

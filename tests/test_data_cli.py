@@ -90,16 +90,98 @@ def test_a_directory_input_is_named_as_such(capsys, fixtures_dir, tmp_path):
     assert code == 1 and json.loads(out)["problems"][0]["message"] == "is a directory; name the files in it"
 
 
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
 def test_empty_inputs(capsys, tmp_path):
     for name, content in (("zero.json", ""), ("blank.jsonl", "\n \n"), ("list.json", "[]")):
         path = tmp_path / name
         path.write_text(content)
         code, out, err = run_cli(capsys, "convert", path, "-o", tmp_path / "out.json")
-        assert code == 0 and "read 0 = written 0" in out and f"warning: {path}: no records" in err
+        assert code == 1 and "read 0 = written 0" in out and _one_error_line(err) == f"error: no records in {path}"
+        assert not (tmp_path / "out.json").exists()
         code, out, _ = run_cli(capsys, "validate", path, "--json")
         assert code == 1 and json.loads(out)["problems"][0]["message"].startswith(("file is empty", "no records"))
         code, out, err = run_cli(capsys, "split", path, "-o", tmp_path / "split")
-        assert code == 1 and f"{path}: no records to split" in err and len(err.strip().splitlines()) == 1
+        assert code == 1 and f"{path}: no records to split" in _one_error_line(err)
+
+
+def test_nothing_written_exits_1_after_the_summary(capsys, fixtures_dir, tmp_path):
+    source = tmp_path / "rejected.jsonl"
+    source.write_text("".join(line for line in (fixtures_dir / "raw" / "ocnli.json").read_text("utf-8").splitlines(True)
+                              if "-" in json.loads(line).get("label", "-") or "label" not in line), encoding="utf-8")
+    for extra in ([], ["--json"], ["--dev-ratio", "0.2"]):
+        out_path = tmp_path / ("out" if extra[:1] == ["--dev-ratio"] else "out.json")
+        code, out, err = run_cli(capsys, "convert", source, "--from", "ocnli", "-o", out_path, *extra)
+        rejects = out_path / "rejects.jsonl" if extra[:1] == ["--dev-ratio"] else tmp_path / "out.rejects.jsonl"
+        assert code == 1 and _one_error_line(err) == (
+            f"error: no records written: all 2 rejected (no consensus label: 1, no label: 1); see {rejects}")
+        assert "read 2 = written 0 + rejected 2" in out or json.loads(out)["output"] is None
+        assert len(rejects.read_text().splitlines()) == 2 and not (tmp_path / "out.json").exists()
+        assert not (tmp_path / "out" / "train.json").exists()
+
+
+def test_convert_with_dev_ratio_refuses_to_overwrite_its_input(capsys, fixtures_dir, tmp_path):
+    code, _, _ = run_cli(capsys, "convert", fixtures_dir / "raw" / "alpaca.json", "-o", tmp_path / "sp.json")
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp.json").rename(tmp_path / "sp" / "train.json")
+    before = (tmp_path / "sp" / "train.json").read_bytes()
+    code, out, err = run_cli(capsys, "convert", tmp_path / "sp" / "train.json", "-o", tmp_path / "sp", "--dev-ratio", 0.2)
+    assert code == 1 and _one_error_line(err) == (
+        f"error: {tmp_path / 'sp' / 'train.json'}: the output is also an input; choose another path")
+    assert (tmp_path / "sp" / "train.json").read_bytes() == before and len(list((tmp_path / "sp").iterdir())) == 1
+
+
+def test_output_paths_the_system_would_refuse_are_one_line(capsys, fixtures_dir, tmp_path, monkeypatch):
+    source = fixtures_dir / "raw" / "alpaca.json"
+    (tmp_path / "dirout.json").mkdir()
+    (tmp_path / "plain").write_text("x")
+    cases = [
+        (["convert", source, "-o", tmp_path / "dirout.json"], f"{tmp_path / 'dirout.json'}: is a directory; name a file"),
+        (["convert", source, "-o", tmp_path / "o.json", "--rejects", tmp_path / "dirout.json"],
+         f"{tmp_path / 'dirout.json'}: is a directory; name a file"),
+        (["convert", source, "-o", tmp_path / "plain", "--dev-ratio", 0.2],
+         f"{tmp_path / 'plain'}: is a file; with --dev-ratio, -o names a folder (it gets train.* and dev.*)"),
+        (["split", tmp_path / "plain.json", "-o", tmp_path / "plain"], f"{tmp_path / 'plain'}: is a file;"),
+        (["convert", source, "-o", tmp_path / "plain" / "o.json"],
+         f"{tmp_path / 'plain' / 'o.json'}: {tmp_path / 'plain'} is a file, not a folder"),
+    ]
+    run_cli(capsys, "convert", source, "-o", tmp_path / "plain.json")
+    for argv, message in cases:
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 1 and _one_error_line(err).startswith(f"error: {message}"), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirout.json", "plain", "plain.json", "plain.rejects.jsonl"]
+
+    import tempfile
+
+    def refuse(*args, dir, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / ".o.json.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)  # as in a folder without write permission
+    code, out, err = run_cli(capsys, "convert", source, "-o", tmp_path / "locked" / "o.json")
+    assert code == 1 and _one_error_line(err) == f"error: {tmp_path / 'locked' / 'o.json'}: cannot write there: Permission denied"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root may write to any folder")
+def test_an_unwritable_folder_is_one_line(capsys, fixtures_dir, tmp_path):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    code, out, err = run_cli(capsys, "convert", fixtures_dir / "raw" / "alpaca.json", "-o", tmp_path / "locked" / "o.json")
+    assert code == 1 and _one_error_line(err).endswith("cannot write there: Permission denied")
+
+
+def test_summary_table_wraps_long_input_names_in_a_pipe(capsys, fixtures_dir, tmp_path):
+    source = tmp_path / ("a_rather_long_folder_name_" * 3) / "alpaca_with_a_long_descriptive_name.json"
+    source.parent.mkdir()
+    source.write_bytes((fixtures_dir / "raw" / "alpaca.json").read_bytes())
+    code, out, _ = run_cli(capsys, "convert", source, "-o", tmp_path / "out.json")
+    table = out[:out.index("└")].splitlines()  # the convert table, before the repairs and rejects tables
+    rows = [line.split("│")[1].strip() for line in table if line.startswith("│")]
+    assert code == 0 and all(len(line) <= 80 for line in out.splitlines())
+    assert "…" not in out and len(rows) > 1 and "".join(rows) == str(source)  # folded over several lines
 
 
 def test_convert_prints_the_summary_and_detection(capsys, fixtures_dir, tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from rich.console import Console
 from test_data_cli import run_cli
+from test_stats import valid_lengths_file  # noqa: F401 (a fixture)
 
 from minicpm_data.io import read_conversations
 from minicpm_data.render import render
@@ -52,8 +55,8 @@ def test_truncated_part_is_struck(fixtures_dir, lengths_file):
     assert f"{cut.trained_tokens_lost} trained tokens cut" in view.renderables[0].title.plain
 
 
-def test_cli_shows_several_samples(capsys, fixtures_dir, lengths_file):
-    code, out, err = run_cli(capsys, "inspect", lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "minicpm2",
+def test_cli_shows_several_samples(capsys, fixtures_dir, valid_lengths_file):
+    code, out, err = run_cli(capsys, "inspect", valid_lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "minicpm2",
                              "--index", 1, "-n", 2)
     assert code == 0, err
     assert "layout minicpm2" in out and "sample 1:" in out and "sample 2:" in out and "sample 3:" not in out
@@ -71,10 +74,24 @@ def test_markup_in_content_is_shown_verbatim(capsys, tmp_path, fixtures_dir):
     assert "'pick [entailment" in out and "'[red]neutral'" in out  # the per-turn table too
 
 
-def test_cli_real_tokenizer_and_missing_record(capsys, shared_dir, lengths_file):
+def test_cli_real_tokenizer_and_missing_record(capsys, shared_dir, valid_lengths_file):
     folder = shared_dir / "tokenizers" / "minicpm3"
-    code, out, err = run_cli(capsys, "inspect", lengths_file, "--tokenizer", folder, "--model-max-length", 20)
+    code, out, err = run_cli(capsys, "inspect", valid_lengths_file, "--tokenizer", folder, "--model-max-length", 20)
     assert code == 0, err
     assert "sample 0:" in out and "<|im_start|>" in out
-    code, out, err = run_cli(capsys, "inspect", lengths_file, "--tokenizer", folder, "--index", 99)
+    code, out, err = run_cli(capsys, "inspect", valid_lengths_file, "--tokenizer", folder, "--index", 99)
     assert code == 1 and "has no record 99" in err
+
+
+def test_turn_table_keeps_its_headers_in_a_narrow_pipe(fixtures_dir, lengths_file):
+    tokenizer = load_tokenizer(str(fixtures_dir / "tokenizers" / "chatml"))
+    index, conversation = list(read_conversations(lengths_file))[3]
+    view = inspect_view(index, conversation, render(conversation, tokenizer), tokenizer, markers=True)
+    console = Console(width=50, record=True, file=io.StringIO(), color_system=None)
+    console.print(view.renderables[0])
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "role" in line)
+    assert all(name in header for name in ("turn", "role", "tokens", "trained", "content"))
+    assert all(len(line) <= 50 for line in lines)
+    rows = [line for line in lines if "assistant" in line or "user" in line]
+    assert len(rows) == len(conversation.messages) and any("…" in row for row in rows)

@@ -1,4 +1,5 @@
-"""Every file in ../shared/realdata through convert: nothing lost, output valid; OCNLI exactly as MiniCPM's."""
+"""Every file in ../shared/realdata through convert: nothing lost, output valid (or none when nothing is written);
+OCNLI exactly as MiniCPM's, and MiniCPM's own messages files unchanged."""
 
 from __future__ import annotations
 
@@ -36,14 +37,17 @@ def _count_records(path: Path) -> int:
 @pytest.mark.parametrize("name", FILES)
 def test_realdata_file_converts_without_loss(shared_dir, tmp_path, name):
     source = shared_dir / "realdata" / name
-    summary = convert_files([source], tmp_path / "out.json", options=OPTIONS.get(name, ConvertOptions()))
+    out = tmp_path / "out.json"
+    summary = convert_files([source], out, options=OPTIONS.get(name, ConvertOptions()))
     assert summary.read == _count_records(source)
     assert summary.read == summary.written + summary.rejected
     rejects = (tmp_path / "out.rejects.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rejects) == summary.rejected
-    assert len(json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))) == summary.written
-    problems = [p.message for p in validate_file(tmp_path / "out.json")]
-    assert problems == ([] if summary.written else ["no records: the list is empty"])  # e.g. unlabelled OCNLI test
+    if summary.written:
+        assert summary.output == str(out) and len(json.loads(out.read_text(encoding="utf-8"))) == summary.written
+        assert validate_file(out) == []
+    else:  # e.g. the unlabelled OCNLI test split: no output file, everything in the rejects
+        assert summary.output is None and not out.exists()
 
 
 def test_ocnli_matches_minicpms_own_conversion(shared_dir, tmp_path):
@@ -69,3 +73,14 @@ def test_realdata_repairs(shared_dir, tmp_path):
     summary = convert_files([shared_dir / "realdata" / "axolotl" / "conversation.missingturns.json"],
                             tmp_path / "out.jsonl")
     assert summary.repairs == {"drop empty turns": 1, "merge same-role turns": 1}
+
+
+@pytest.mark.parametrize("name", ["ocnli_public_chatml/dev.json", "AdvertiseGenChatML/dev.json"])
+def test_minicpms_own_messages_files_convert_to_themselves(shared_dir, tmp_path, name):
+    """Already the target format: whitespace included (the OCNLI prompt ends in a newline), nothing changes."""
+    source = shared_dir / "realdata" / "minicpm" / name
+    expected = json.loads(source.read_text(encoding="utf-8"))
+    for options in (ConvertOptions(source="messages"), ConvertOptions(source="messages", repair=False)):
+        summary = convert_files([source], tmp_path / "out.json", options=options)
+        assert (summary.written, summary.rejected, dict(summary.repairs)) == (len(expected), 0, {})
+        assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == expected

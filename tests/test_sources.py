@@ -99,6 +99,25 @@ def test_messages_pass_through_normalised(fixtures_dir):
         source.convert(records[3])
 
 
+def test_messages_keep_their_whitespace_verbatim():
+    """The target format already: contents are what the model sees, so only real repairs apply."""
+    record = {"messages": [{"role": "user", "content": "  question\n"}, {"role": "assistant", "content": "\nanswer "}]}
+    source = make_source("messages")
+    conversation, repairs = finish(source.convert(record), repair=False, verbatim=source.verbatim)
+    assert conversation.to_record() == record and repairs == []
+    merged = {"messages": [*record["messages"], {"role": "assistant", "content": " more"}]}
+    assert _convert(source, merged) == [("user", "  question\n"), ("assistant", "\nanswer \n more")]
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_table_template_placeholder_without_a_value_is_rejected(value):
+    source = make_source("csv", template="N={n}: {question}", assistant_col="a")
+    with pytest.raises(RecordRejected) as caught:
+        source.convert({"n": value, "question": "q", "a": "A"})
+    assert (caught.value.reason, caught.value.detail) == ("missing field", "'n' is empty (a --template placeholder)")
+    assert _convert(source, {"n": 0, "question": "q", "a": "A"}) == [("user", "N=0: q"), ("assistant", "A")]
+
+
 def test_table_columns_and_template(fixtures_dir):
     row = _records(fixtures_dir, "table.csv")[0]
     mapped = make_source("csv", user_col="question", assistant_col="answer", system_col="persona")

@@ -66,11 +66,37 @@ def test_split_refuses_a_directory(tmp_path):
         split_file(tmp_path / "data", tmp_path / "out")
 
 
-def test_convert_with_dev_ratio_of_an_empty_input_writes_empty_splits(tmp_path):
+def test_convert_with_dev_ratio_of_an_empty_input_writes_no_splits(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     summary = convert_and_split([tmp_path / "empty.json"], tmp_path / "out", dev_ratio=0.1)
-    assert summary.read == 0 and summary.splits["train"]["records"] == summary.splits["dev"]["records"] == 0
-    assert _load(tmp_path / "out" / "train.json") == _load(tmp_path / "out" / "dev.json") == []
+    assert (summary.read, summary.output, summary.splits) == (0, None, {})
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["rejects.jsonl"]
+
+
+def test_convert_with_dev_ratio_refuses_to_overwrite_its_input(fixtures_dir, tmp_path):
+    """sp/train.json -o sp: the split's train.json is the input; refused before anything is written."""
+    folder = tmp_path / "sp"
+    write_records(folder / "train.json", _records(5))
+    before = (folder / "train.json").read_bytes()
+    for rejects in (None, folder / "train.json"):
+        with pytest.raises(InputError, match=rf"^{folder / 'train.json'}: the (output|rejects file) is also an input; "
+                                             "choose another path$"):
+            convert_and_split([folder / "train.json"], folder, dev_ratio=0.2, rejects_path=rejects)
+    assert (folder / "train.json").read_bytes() == before and [p.name for p in folder.iterdir()] == ["train.json"]
+    write_records(folder / "dev.jsonl", _records(5))
+    with pytest.raises(InputError, match="dev.jsonl: the output is also an input"):
+        convert_and_split([folder / "dev.jsonl"], folder, dev_ratio=0.2, fmt="jsonl")
+
+
+def test_split_targets_are_checked_before_writing(tmp_path):
+    write_records(tmp_path / "all.json", _records(4))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"file: is a file; with --dev-ratio, -o names a folder"):
+        split_file(tmp_path / "all.json", tmp_path / "file")
+    (tmp_path / "out" / "dev.json").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"dev.json: is a directory; name a file"):
+        split_file(tmp_path / "all.json", tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["dev.json"]
 
 
 def test_convert_with_dev_ratio(fixtures_dir, tmp_path):

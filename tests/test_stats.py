@@ -28,6 +28,15 @@ def lengths_file(fixtures_dir):
 
 
 @pytest.fixture(scope="module")
+def valid_lengths_file(lengths_file, tmp_path_factory):
+    """lengths.json without its record that has no answer (which validate, training and the CLI refuse)."""
+    path = tmp_path_factory.mktemp("lengths") / "lengths.json"
+    path.write_text(json.dumps(json.loads(lengths_file.read_text(encoding="utf-8"))[:4], ensure_ascii=False),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
 def conversations(lengths_file):
     return [conversation for _, conversation in read_conversations(lengths_file)]
 
@@ -134,9 +143,9 @@ def test_progress_is_reported(chatml, conversations):
     assert sum(seen) == 3000 and len(seen) == 3
 
 
-def test_cli_tables_histogram_and_plot(capsys, fixtures_dir, lengths_file, tmp_path):
+def test_cli_tables_histogram_and_plot(capsys, fixtures_dir, valid_lengths_file, tmp_path):
     plot = tmp_path / "lengths.png"
-    code, out, err = run_cli(capsys, "stats", lengths_file, fixtures_dir / "train" / "dev.json", "--tokenizer",
+    code, out, err = run_cli(capsys, "stats", valid_lengths_file, fixtures_dir / "train" / "dev.json", "--tokenizer",
                              fixtures_dir / "tokenizers" / "chatml", "--model-max-length", 64, "--plot", plot)
     assert code == 0, err
     for expected in ("lengths.json", "dev.json", "tokens per sample: p99", "lose all trained tokens",
@@ -149,14 +158,14 @@ def test_cli_tables_histogram_and_plot(capsys, fixtures_dir, lengths_file, tmp_p
     assert image.std() > 0.05  # bars and lines, not a blank canvas
 
 
-def test_cli_json(capsys, fixtures_dir, lengths_file, conversations):
-    code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
+def test_cli_json(capsys, fixtures_dir, valid_lengths_file, conversations):
+    code, out, err = run_cli(capsys, "stats", valid_lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
                              "--model-max-length", 48, "--json")
     assert code == 0, err
     [entry] = json.loads(out)
     tokenizer = load_tokenizer(str(fixtures_dir / "tokenizers" / "chatml"))
-    stats = compute_stats(str(lengths_file), conversations, tokenizer, model_max_length=48)
-    assert entry["file"] == str(lengths_file) and entry["records"] == 5
+    stats = compute_stats(str(valid_lengths_file), conversations[:4], tokenizer, model_max_length=48)
+    assert entry["file"] == str(valid_lengths_file) and entry["records"] == 4
     assert set(entry["tokens"]) == {"min", "mean", "p50", "p90", "p95", "p99", "max"}
     for key in ("total_tokens", "trained_tokens", "over_max_length", "labels_partly_truncated",
                 "labels_fully_truncated"):
@@ -183,47 +192,90 @@ def test_cli_real_minicpm4(capsys, shared_dir):
     (["--template", "llama3"], "unknown template 'llama3'"),
     (["--truncation", "left"], "unknown truncation 'left'"),
 ])
-def test_cli_errors_are_one_line(capsys, fixtures_dir, lengths_file, argv, message):
-    code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
+def test_cli_errors_are_one_line(capsys, fixtures_dir, valid_lengths_file, argv, message):
+    code, out, err = run_cli(capsys, "stats", valid_lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
                              *argv)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_hub_id_offline(capsys, monkeypatch, lengths_file):
+def test_cli_hub_id_offline(capsys, monkeypatch, valid_lengths_file):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, out, err = run_cli(capsys, "stats", lengths_file, "--tokenizer", "openbmb/MiniCPM4-8B")
+    code, out, err = run_cli(capsys, "stats", valid_lengths_file, "--tokenizer", "openbmb/MiniCPM4-8B")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "could not fetch openbmb/MiniCPM4-8B from the hub" in err and "local model folder" in err
 
 
-def test_empty_file_and_unwritable_plot(capsys, tmp_path, fixtures_dir, lengths_file):
-    empty = tmp_path / "empty.json"
-    empty.write_text("[]", encoding="utf-8")
+def test_files_training_would_refuse_are_refused(capsys, tmp_path, fixtures_dir, lengths_file):
     tokenizer = ["--tokenizer", fixtures_dir / "tokenizers" / "chatml"]
-    code, out, err = run_cli(capsys, "stats", empty, *tokenizer, "--json")
-    assert code == 0, err
-    [entry] = json.loads(out)
-    assert entry["records"] == entry["total_tokens"] == entry["over_max_length"] == 0
-    code, out, err = run_cli(capsys, "stats", empty, *tokenizer)
-    assert code == 0 and "empty.json: no records" in out
-    code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", tmp_path / "missing" / "x.png")
+    bot = tmp_path / "bot.jsonl"
+    bot.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}) + "\n")
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "a"}]}]))
+    empty, zero = tmp_path / "empty.json", tmp_path / "zero.json"
+    empty.write_text("[]", encoding="utf-8")
+    zero.write_bytes(b"")
+    for command in (["stats"], ["stats", "--json"], ["inspect"]):
+        for path, message in ((bot, f"{bot}: 1 problem(s) in record(s) 0; first: {bot}:1 record 0 at /messages/1/role: "
+                                    "'bot' is not one of"),
+                              (first, f"{first}: 1 problem(s) in record(s) 0; first: {first} record 0 at /0/messages/0: "
+                                      "turn is assistant, expected user"),
+                              (lengths_file, f"{lengths_file}: 2 problem(s) in record(s) 4;"),
+                              (empty, f"{empty}: no records: the list is empty"), (zero, f"{zero}: file is empty")):
+            code, out, err = run_cli(capsys, command[0], path, *tokenizer, *command[1:])
+            assert code == 1 and not out and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
+            assert "see all with: minicpm-data validate" in err or path in (empty, zero)
+
+
+def test_no_records_are_reported_as_such(chatml):
+    from minicpm_data.report import histogram, suggestion_text
+
+    stats = compute_stats("empty.json", [], chatml, model_max_length=64)
+    assert stats.records == stats.total_tokens == stats.over_max_length == 0
+    assert suggestion_text(stats).plain == "empty.json: no records, so no length to suggest."
+    assert histogram(stats).renderables[0].plain == "empty.json: no records"
+
+
+def test_unwritable_plot(capsys, tmp_path, fixtures_dir, valid_lengths_file):
+    tokenizer = ["--tokenizer", fixtures_dir / "tokenizers" / "chatml"]
+    code, out, err = run_cli(capsys, "stats", valid_lengths_file, *tokenizer, "--plot", tmp_path / "missing" / "x.png")
     assert code == 1 and "cannot write plot" in err and len(err.strip().splitlines()) == 1
 
 
-def test_stats_of_a_zero_byte_file(capsys, tmp_path, fixtures_dir):
-    (tmp_path / "zero.json").write_bytes(b"")
-    code, out, err = run_cli(capsys, "stats", tmp_path / "zero.json", "-t", fixtures_dir / "tokenizers" / "chatml")
-    assert code == 0 and "zero.json: no records, so no length to suggest" in out and "zero.json: no records\n" in out
+def test_histogram_without_colours_says_what_marks_the_long_bins(chatml, conversations):
+    from minicpm_data.report import OVER_BAR, histogram
+
+    stats = compute_stats("lengths.json", conversations, chatml, model_max_length=40)
+    plain = histogram(stats, markers=True)
+    title, bars = plain.renderables[0].plain, plain.renderables[1].columns[1].cells
+    assert "red" not in title and f"{OVER_BAR * 3}: longer than model_max_length 40" in title
+    assert any(OVER_BAR in bar.plain for bar in bars)
+    assert all((OVER_BAR in bar.plain) == (bar.style == "red") for bar in bars if bar.plain)
+    assert "red: longer than" in histogram(stats).renderables[0].plain
 
 
-def test_plot_path_gets_png_and_is_reported_as_written(capsys, tmp_path, fixtures_dir, lengths_file):
+def test_plot_marks_every_files_suggested_length(chatml, conversations):
+    from minicpm_data.report import plot_figure
+
+    short = compute_stats("short.json", conversations[:2], chatml, model_max_length=64)
+    every = compute_stats("all.json", conversations, chatml, model_max_length=64)
+    none = compute_stats("none.json", [], chatml, model_max_length=64)
+    figure = plot_figure([short, every, none])
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert [label for label in labels if label.startswith("suggested")] == [
+        f"suggested for short.json = {short.suggested_max_length}", f"suggested for all.json = {every.suggested_max_length}"]
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert len(lines) == 3 and len({tuple(line.get_color()) for line in lines.values() if line.get_linestyle() == ":"}) == 2
+
+
+def test_plot_path_gets_png_and_is_reported_as_written(capsys, tmp_path, fixtures_dir, valid_lengths_file):
     tokenizer = ["--tokenizer", fixtures_dir / "tokenizers" / "chatml"]
-    code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", tmp_path / "lengths")
+    code, out, err = run_cli(capsys, "stats", valid_lengths_file, *tokenizer, "--plot", tmp_path / "lengths")
     assert code == 0, err
     assert f"plot written to {tmp_path / 'lengths.png'}" in out
     assert [p.name for p in tmp_path.iterdir()] == ["lengths.png"]
     for plot, message in ((tmp_path, "is a directory"), (tmp_path / "lengths.svg", "the plot is a PNG")):
-        code, out, err = run_cli(capsys, "stats", lengths_file, *tokenizer, "--plot", plot)
+        code, out, err = run_cli(capsys, "stats", valid_lengths_file, *tokenizer, "--plot", plot)
         assert code == 1 and f"--plot {plot}: {message}" in err and len(err.strip().splitlines()) == 1
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from jsonschema import Draft202012Validator
 
-from minicpm_data.validate import SCHEMA_PATH, Problem, load_schema, validate_file
+from minicpm_data.errors import FormatError
+from minicpm_data.validate import SCHEMA_PATH, Problem, load_schema, require_valid, validate_file
 
 GOOD = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                      {"role": "assistant", "content": "a"}]}
@@ -112,3 +113,25 @@ def test_fast_path_agrees_with_the_schema():
                 {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, {**GOOD, "id": 1}]
     for record in records:
         assert _fits_schema(record) == _record_validator().is_valid(record), record
+
+
+def test_require_valid_says_how_many_where_the_first_and_how_to_see_all(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (GOOD, _msgs(("user", "q"), ("bot", "a")),
+                                                        _msgs(("assistant", "a"), ("user", "q"), ("assistant", "a"))))
+                    + "\n")
+    with pytest.raises(FormatError) as caught:
+        require_valid(path)
+    assert str(caught.value) == (
+        f"{path}: 2 problem(s) in record(s) 1, 2; first: {path}:2 record 1 at /messages/1/role: 'bot' is not one of "
+        f"['system', 'user', 'assistant']; see all with: minicpm-data validate {path}")
+    path.write_text(json.dumps(GOOD) + "\n")
+    require_valid(path)
+
+
+@pytest.mark.parametrize("content, message", [("", "file is empty"), ('[{"messages": ]', ":1: invalid JSON")])
+def test_require_valid_names_a_whole_file_problem_alone(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(FormatError, match=rf"^{path}{message}" if message.startswith(":") else rf"^{path}: {message}$"):
+        require_valid(path)

@@ -13,7 +13,7 @@ TOOL_ROLE = "tool"
 # Every reason a record can be rejected for, with what it means (shown in the README and help).
 REJECT_REASONS = {
     "not an object": "the record is not a JSON object (e.g. a bare string in the list)",
-    "missing field": "a field the format needs is absent (the detail names it)",
+    "missing field": "a field the format needs is absent, or a --template column is empty (the detail names it)",
     "malformed field": "a field has the wrong shape, e.g. turns that are not a list of objects",
     "not text": "a text field holds a number, list, or non-text content part",
     "unknown role": "a turn's role is none of system/user/assistant or their known aliases",
@@ -42,8 +42,8 @@ class Source:
     """One raw format: ``convert(record) -> Conversation``; ``matches(record)`` drives auto-detection.
 
     Conversations a source returns may still need repairs (empty, same-role or misplaced turns);
-    tool turns carry the role :data:`TOOL_ROLE`. ``verbatim`` sources produce text from a fixed
-    template whose whitespace is part of the format, so the strip repair leaves it alone.
+    tool turns carry the role :data:`TOOL_ROLE`. ``verbatim`` sources produce text whose whitespace
+    is meant (a fixed template's, or the target format's own), so the strip repair leaves it alone.
     """
 
     name: ClassVar[str]

@@ -8,14 +8,15 @@ from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.errors import FormatError
-from minicpm_data.sources.base import Source, field, optional_text, text
+from minicpm_data.sources.base import RecordRejected, Source, field, optional_text, text
 
 
 class Table(Source):
     """One row -> one exchange, by column mapping or a prompt template.
 
     ``user_col``/``assistant_col`` (and optional ``system_col``) name the columns; or ``template``
-    builds the user turn from ``{column}`` placeholders (``{{``/``}}`` for literal braces)::
+    builds the user turn from ``{column}`` placeholders (``{{``/``}}`` for literal braces; a row
+    whose placeholder cell is empty is rejected, never rendered with a hole)::
 
         Q,A          --user-col Q --assistant-col A
         12시 땡!,하루가 또 가네요.   -> {"messages": [{"role": "user", "content": "12시 땡!"},
@@ -42,8 +43,7 @@ class Table(Source):
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
         if self.template:
-            prompt = "".join(literal + ("" if name is None else _cell(field(record, name), name))
-                             for literal, name in self.template)
+            prompt = "".join(literal + ("" if name is None else _filled(record, name)) for literal, name in self.template)
         else:
             prompt = _cell(field(record, self.user_col), self.user_col)
         system = optional_text(record, self.system_col) if self.system_col else ""
@@ -66,6 +66,14 @@ def _parse_template(template: str) -> list[tuple[str, str | None]]:
         if spec or conversion:
             raise FormatError(f"--template {template!r}: {{{name}}} has a conversion or format spec; {usage}")
     return [(literal, name) for literal, name, _, _ in pieces]
+
+
+def _filled(record: Mapping[str, Any], column: str) -> str:
+    """A template placeholder's cell; empty or null is ``missing field``."""
+    value = _cell(field(record, column), column)
+    if not value.strip():
+        raise RecordRejected("missing field", f"{column!r} is empty (a --template placeholder)")
+    return value
 
 
 def _cell(value: Any, column: str) -> str:

@@ -13,7 +13,8 @@ class Messages(Source):
     """Passes ``{"messages": [{"role", "content"}, ...]}`` through, normalised.
 
     Content given as a list of parts is joined by newlines; ``developer`` becomes ``system``;
-    ``tool`` turns and assistant turns that only call tools get the tool role::
+    ``tool`` turns and assistant turns that only call tools get the tool role. This is already the
+    target format, so contents keep their whitespace (it is what the model sees)::
 
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
                       {"role": "assistant", "content": "Hello!"}], "id": 7}
@@ -21,6 +22,7 @@ class Messages(Source):
     """
 
     name = "messages"
+    verbatim = True
 
     @staticmethod
     def matches(record: Mapping[str, Any]) -> bool:
