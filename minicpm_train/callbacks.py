@@ -16,7 +16,10 @@ class ProgressCallback(TrainerCallback):
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None
         self.task = None
-        self._tokens_at = (0.0, 0)  # (time, num_input_tokens_seen) at the previous log
+        # Tokens/s counts only time inside optimizer steps: evaluation and checkpoint saves are left out.
+        self._step_started = 0.0
+        self._step_seconds = 0.0
+        self._tokens_at = (0.0, 0)  # (step seconds, num_input_tokens_seen) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress = Progress(
@@ -24,9 +27,13 @@ class ProgressCallback(TrainerCallback):
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
-        self._tokens_at = (time.monotonic(), state.num_input_tokens_seen)
+        self._tokens_at = (self._step_seconds, state.num_input_tokens_seen)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._step_seconds += time.monotonic() - self._step_started
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)
 
@@ -39,7 +46,7 @@ class ProgressCallback(TrainerCallback):
             return
         if "loss" not in logs:
             return
-        now, seen = time.monotonic(), state.num_input_tokens_seen
+        now, seen = self._step_seconds, state.num_input_tokens_seen
         then, seen_before = self._tokens_at
         self._tokens_at = (now, seen)
         rate = (seen - seen_before) / (now - then) if now > then else 0.0

@@ -7,7 +7,6 @@ Heavy libraries are imported inside the commands that need them.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -24,14 +23,8 @@ console = Console()
 
 
 def main() -> None:
-    """Console-script entry: library errors, and paths the system refuses, become one-line messages, exit code 1."""
-    try:
-        run_app(app)
-    except OSError as error:  # e.g. permission denied or a full disk on an output path
-        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-        message = f"{error.strerror}: {where}" if error.strerror and where else str(error)
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    """Console-script entry: library errors and refused paths become one-line messages, exit code 1."""
+    run_app(app)
 
 
 def _command(name: str, *, passthrough: bool = False, **kwargs):
@@ -84,8 +77,6 @@ def run_command(
     import json
     import logging
 
-    from rich.markup import escape
-
     # bitsandbytes warns on import that an optional CPU kernel cannot be downloaded (we run offline).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from minicpm_train.args import parse_run_args, resolve_script
@@ -99,7 +90,7 @@ def run_command(
     else:
         run = parse_run_args(list(ctx.args))
     run, plan = plan_run(run)
-    for notice in run.notices + plan.notices:
+    for notice in run.notices:
         console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
     where = f"{plan.ranks} CPU process{'es' if plan.ranks > 1 else ''}" if plan.device == "cpu" else f"{plan.ranks} GPU(s)"
     console.print(f"run: {plan.mode.replace('_', '-')} on {where}, {plan.precision}, "
@@ -383,11 +374,13 @@ def eval_command(
     from rich.progress import Progress
 
     from minicpm_data.io import read_conversations
+    from minicpm_data.validate import require_valid
     from minicpm_train.evaluate import check_predictions_path, evaluate, write_predictions
     from minicpm_train.inference import training_options
 
     if output:
         check_predictions_path(output)
+    require_valid(data)  # the whole file, as run checks it, before the model loads
     label_set = labels if labels in ("auto", "none") else [x.strip() for x in labels.split(",") if x.strip()]
     records = list(read_conversations(data))
     loaded = _load_for_inference(model, adapter, trust_remote_code)

@@ -133,19 +133,6 @@ def _load_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
     return SupervisedDataset([ids[a:b] for a, b in spans], [labels[a:b] for a, b in spans]), summary
 
 
-def _validate(path: Path) -> None:
-    from minicpm_data.validate import validate_file
-
-    problems = validate_file(path)
-    if not problems:
-        return
-    where = sorted({getattr(p, "index", None) for p in problems} - {None})
-    records = ", ".join(map(str, where[:5])) + (", ..." if len(where) > 5 else "")
-    raise DataError(f"{path}: {len(problems)} problem(s)"
-                    + (f" in record(s) {records}" if records else "")
-                    + f"; first: {problems[0]}; see all with: minicpm-data validate {path}")
-
-
 def load_supervised(path: str | Path, tokenizer, *, template: str | None = None, max_length: int,
                     truncation: str = "right", cache_dir: str | Path | None = None) -> tuple[SupervisedDataset, DataSummary]:
     """Validate, render (or read the cache) and filter one data file."""
@@ -160,8 +147,10 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
     if target.is_file():
         return _load_cache(target)
 
-    _validate(path)
     from minicpm_data.io import read_conversations
+    from minicpm_data.validate import require_valid
+
+    require_valid(path)
 
     conversations = [conversation for _, conversation in read_conversations(path)]
     samples = render_many(conversations, tokenizer, template=template, max_length=max_length, truncation=truncation)

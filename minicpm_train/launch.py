@@ -196,13 +196,13 @@ def _launcher_argv(launch: LaunchOptions, *, include: str | None = None, num_gpu
 
 
 def apply_plan(run: ResolvedRun, plan: HardwarePlan) -> ResolvedRun:
-    """The run with the plan's precision and device written into its training arguments."""
+    """The run with the plan's precision and device written into its training arguments, and its notices."""
     training = dict(run.training)
     training["bf16"] = plan.precision == "bf16"
     training["fp16"] = plan.precision == "fp16"
     if plan.device == "cpu":
         training["use_cpu"] = True
-    return replace(run, training=training, env={**run.env, **plan.env})
+    return replace(run, training=training, env={**run.env, **plan.env}, notices=run.notices + plan.notices)
 
 
 def plan_run(run: ResolvedRun, devices: list[Device] | None = None) -> tuple[ResolvedRun, HardwarePlan]:

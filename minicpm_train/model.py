@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from minicpm_data.errors import MinicpmError
@@ -25,16 +26,39 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelError(f"model folder not found or has no config.json: {folder} (models load offline from a "
-                         "local folder: download it first, e.g. `hf download openbmb/MiniCPM4-0.5B --local-dir DIR`)")
+                         f"local folder: download it first, e.g. `hf download {_hub_repo(str(path))} --local-dir DIR`)")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     from transformers import CONFIG_MAPPING
 
+    if trust_remote_code:
+        _check_remote_code_files(folder, config)
     native = config.get("model_type") in CONFIG_MAPPING
     if not native and not trust_remote_code:
         needs = config.get("auto_map", {}).get("AutoModelForCausalLM", "its own modelling code")
         raise ModelError(f"{folder}: model type {config.get('model_type')!r} is not in transformers and runs "
                          f"{needs} from the folder; add --trust_remote_code if you trust that code")
     return config
+
+
+def _check_remote_code_files(folder: Path, config: dict) -> None:
+    """With --trust_remote_code, the modelling files ``auto_map`` names must be in the folder (we are offline)."""
+    references = [ref for value in config.get("auto_map", {}).values()
+                  for ref in (value if isinstance(value, list) else [value]) if ref and "--" not in ref]
+    missing = sorted({ref.rsplit(".", 1)[0] + ".py" for ref in references} - {p.name for p in folder.glob("*.py")})
+    if missing:
+        raise ModelError(f"{folder}: --trust_remote_code runs the folder's own code, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not there; copy the model's .py files into it, or "
+                         "drop --trust_remote_code to use transformers' own class for this model type")
+
+
+def _hub_repo(name: str) -> str:
+    """The hub repository a missing model name most likely means, for the download hint."""
+    from minicpm_train.model_sizes import is_known_name
+
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # already an org/name hub id
+    stem = name.rstrip("/").rsplit("/", 1)[-1]
+    return f"openbmb/{stem}" if is_known_name(stem) else "openbmb/MiniCPM4-0.5B"
 
 
 def lora_targets(model, model_type: str, requested: str | None) -> list[str] | str:
@@ -107,4 +131,7 @@ def add_lora(model, options, model_type: str):
 
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                       target_modules=lora_targets(model, model_type, options.lora_target), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`; nothing for the user to change.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)

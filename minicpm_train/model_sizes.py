@@ -188,6 +188,11 @@ def known_names() -> list[str]:
     return sorted(KNOWN_CONFIGS)
 
 
+def is_known_name(name: str) -> bool:
+    """Whether ``name`` (any variant: ``-sft-bf16``, ``openbmb/...``) is a MiniCPM model with a known config."""
+    return _normalise(name) in KNOWN_CONFIGS
+
+
 def resolve_architecture(model: str) -> tuple[Architecture, str]:
     """A local folder's config.json, else a known MiniCPM name (``MiniCPM-2B-sft-bf16``, ``openbmb/...``).
 
@@ -197,8 +202,8 @@ def resolve_architecture(model: str) -> tuple[Architecture, str]:
     if (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         return Architecture.from_config(config, folder.name), str(folder / "config.json")
-    key = _normalise(model)
-    if key in KNOWN_CONFIGS:
+    if is_known_name(model):
+        key = _normalise(model)
         return Architecture.from_config(KNOWN_CONFIGS[key], model), f"known config of {key}"
     if folder.is_dir():
         raise ModelSizeError(f"{folder} has no config.json")

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpm_data.errors import MinicpmError
+from minicpm_train.args import QLORA_ZERO3
 from minicpm_train.model_sizes import Architecture
 
 MIB = 2**20
@@ -105,7 +106,7 @@ class PlanSettings:
         flags = ["--per_device_train_batch_size", str(self.micro_batch),
                  "--gradient_accumulation_steps", str(self.gradient_accumulation)]
         if self.gradient_checkpointing:
-            flags += ["--gradient_checkpointing", "true"]
+            flags += ["--activation_checkpointing", "true"]
         if self.method in ("lora", "qlora"):
             flags.append("--use_lora")
         if self.method == "qlora":
@@ -173,7 +174,7 @@ def estimate(arch: Architecture, settings: PlanSettings) -> MemoryEstimate:
         raise PlanError(f"precision must be bf16, fp16 or fp32, not {settings.precision!r}")
     ds = settings.deepspeed
     if settings.method == "qlora" and ds and ds.stage == 3:
-        raise PlanError("QLoRA with ZeRO-3 is not supported by run: use --deepspeed zero2_offload or zero2")
+        raise PlanError(QLORA_ZERO3)
     counts = arch.parameters()
     params = counts.total
     targets = _lora_targets(arch, settings) if settings.method != "full" else []
@@ -388,7 +389,7 @@ def settings_from_run(run, arch: Architecture, *, gpus: int) -> PlanSettings:
         micro_batch=int(training.get("per_device_train_batch_size", 8)),
         max_length=options.model_max_length,
         gradient_accumulation=int(training.get("gradient_accumulation_steps", 1)),
-        gradient_checkpointing=bool(training.get("gradient_checkpointing")),
+        gradient_checkpointing=bool(training.get("activation_checkpointing")),
         precision=precision,
         deepspeed=deepspeed,
         num_gpus=gpus,
@@ -409,6 +410,8 @@ def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib
     from minicpm_train.launch import Device, decide, detect_devices
     from minicpm_train.model_sizes import resolve_architecture
 
+    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
+        raise PlanError(f"--gpu-memory must be more than 0 GB, not {gpu_memory_gib:g}")
     run = resolve_script(script, argv)[1] if script else parse_run_args(argv, require_data=False)
     devices = detect_devices() if devices is None else devices
     detected = bool(devices)

@@ -11,10 +11,11 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from minicpm_data.errors import MinicpmError
 from minicpm_train.args import NO_RESUME, ResolvedRun, latest_checkpoint
 from minicpm_train.data import DataSummary
 from minicpm_train.launch import name_cpu_accelerator
@@ -34,18 +35,37 @@ class RunResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _port_is_free(port: int) -> bool:
+    """Whether torch's rendezvous store could listen on ``port``: bound the way it binds (all addresses,
+    SO_REUSEADDR, so a closed connection still in TIME_WAIT does not count as busy)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+        return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
-def _deepspeed_single_process_env(master_port: int | None) -> None:
-    """DeepSpeed outside its launcher looks for MPI unless these are set (a launcher has set them)."""
+def _deepspeed_single_process_env(master_port: int | None, report: Report) -> None:
+    """DeepSpeed outside its launcher looks for MPI unless these are set (the launcher sets its own).
+
+    The port only serves this one process, so a busy one (another run from the same guide script, with
+    the same ``--master_port``) is swapped for a free one instead of failing the run.
+    """
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    if master_port or "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(master_port or _free_port())
+        os.environ[name] = value
+    wanted = master_port or int(os.environ.get("MASTER_PORT", 0))
+    port = wanted if wanted and _port_is_free(wanted) else _free_port()
+    if wanted and port != wanted:
+        report(f"note: port {wanted} is in use; this one-process run uses port {port} instead")
+    os.environ["MASTER_PORT"] = str(port)
 
 
 def _deepspeed_config(deepspeed: str | None) -> dict | None:
@@ -66,8 +86,16 @@ def _resume_point(value: str | None, output_dir: Path, report: Report) -> str | 
     return value
 
 
-def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks: tuple = ()) -> RunResult:
-    """Run one training from a resolved run whose hardware decisions are already applied."""
+def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks: tuple = (),
+          under_launcher: bool = False) -> RunResult:
+    """Run one training from a resolved run whose hardware decisions are already applied.
+
+    ``under_launcher``: this is one rank started by the ``deepspeed`` launcher, which set the rendezvous.
+    """
+    if Path(run.options.model_name_or_path or "").is_dir():
+        # Absolute, so the adapter's base_model_name_or_path (and run_config.json) work from any directory.
+        absolute = str(Path(run.options.model_name_or_path).absolute())
+        run = replace(run, options=replace(run.options, model_name_or_path=absolute))
     options, training = run.options, dict(run.training)
     os.environ.update(run.env)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +107,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     deepspeed = _deepspeed_config(training.get("deepspeed"))
     if deepspeed is not None:
         training["deepspeed"] = deepspeed
-        _deepspeed_single_process_env(run.launch.master_port)
+        if not under_launcher:
+            _deepspeed_single_process_env(run.launch.master_port, report)
 
     if callbacks:  # the caller shows progress; transformers' own load / save bars would interleave with it
         from transformers.utils import logging as transformers_logging
@@ -116,11 +145,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     collator = (PackingCollator if options.packing else PaddingCollator)(pad_id)
 
     # 3. Model: full, LoRA, or QLoRA (4-bit base + LoRA).
-    checkpointing = bool(training.get("gradient_checkpointing"))
-    if options.qlora:
-        if (deepspeed or {}).get("zero_optimization", {}).get("stage") == 3:
-            raise models.ModelError("QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the "
-                                    "guide's QLoRA setup) or zero2")
+    checkpointing = bool(training.get("activation_checkpointing"))
+    if options.qlora:  # (not under ZeRO-3: parse_run_args refuses that pairing)
         model = models.load_base_model(options, precision=precision, device=device, quantize_4bit=True)
         model = models.prepare_4bit_for_training(model, device=device, gradient_checkpointing=checkpointing)
         model = models.add_lora(model, options, model_config.get("model_type", ""))
@@ -143,6 +169,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
     training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
     training.setdefault("remove_unused_columns", False)
+    if "logging_steps" not in training:  # HF's 500 would leave a short run with no loss; the guide logs every 10
+        training.update(logging_steps=10, logging_first_step=training.get("logging_first_step", True))
     if callbacks:
         training.setdefault("disable_tqdm", True)  # the caller's progress display replaces tqdm
     if eval_set is None:
@@ -191,7 +219,8 @@ def plot_loss_curve(log_history: list[dict], target: Path) -> None:
     for key, label in (("loss", "train"), ("eval_loss", "eval")):
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
         if points:
-            axes.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+            few = len(points) <= 20  # a line alone would hide one point, and thin out a handful
+            axes.plot(*zip(*points), marker="o" if key == "eval_loss" or few else None, label=label)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("loss")
@@ -211,7 +240,12 @@ def main(argv: list[str] | None = None) -> None:
     run = ResolvedRun.from_dict(json.loads(Path(argv[0]).read_text()))
     rank_zero = os.environ.get("RANK", "0") == "0"
     report = print if rank_zero else (lambda message: None)
-    train(run, report=report, callbacks=(ProgressCallback(),) if rank_zero else ())
+    try:
+        train(run, report=report, callbacks=(ProgressCallback(),) if rank_zero else (), under_launcher=True)
+    except MinicpmError as error:  # every rank meets the same error: say it once, as the CLI would
+        if rank_zero:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def test_any_training_arguments_flag_works():
     run = parse_run_args(REQUIRED + ["--lr_scheduler_type", "cosine", "--max_grad_norm", "0.5",
                                      "--gradient_checkpointing", "--dataloader_num_workers", "2"])
     assert run.training["lr_scheduler_type"] == "cosine"
-    assert run.training["max_grad_norm"] == 0.5 and run.training["gradient_checkpointing"] is True
+    assert run.training["max_grad_norm"] == 0.5 and run.training["activation_checkpointing"] is True
+    assert "--gradient_checkpointing is the old name of --activation_checkpointing" in " ".join(run.notices)
 
 
 def test_unknown_flag_names_the_closest():
@@ -87,6 +88,14 @@ def test_config_file_with_flags_overriding(tmp_path, suffix):
     assert run.training["learning_rate"] == 3e-4  # the flag wins
     assert run.options.use_lora is True and run.options.lora_r == 8
     assert run.training["eval_strategy"] == "steps"
+
+
+def test_deepspeed_none_switches_off_a_config_files_deepspeed(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_name_or_path": "m", "output_dir": "out", "train_data_path": "t.json",
+                                  "deepspeed": "zero2_offload"}))
+    assert parse_run_args(["--config", str(config)]).training["deepspeed"].endswith("zero2_offload.json")
+    assert "deepspeed" not in parse_run_args(["--config", str(config), "--deepspeed", "none"]).training
 
 
 def test_config_file_errors(tmp_path):
@@ -205,3 +214,134 @@ def test_resume_from_checkpoint_must_be_a_checkpoint(tmp_path):
                            (run_dir, f"run folder, not a checkpoint.*latest is {run_dir / 'checkpoint-10'}")):
         with pytest.raises(ArgumentError, match=f"--resume_from_checkpoint .*{message}"):
             parse_run_args(REQUIRED + ["--resume_from_checkpoint", str(value)])
+
+
+EDITED_SCRIPT = FIXTURES / "scripts" / "torchrun_finetune_edited.sh"
+
+
+def _script(tmp_path, text: str) -> Path:
+    path = tmp_path / "finetune.sh"
+    path.write_text(text)
+    return path
+
+
+def test_commented_out_line_inside_the_command_keeps_the_flags_after_it(tmp_path):
+    script = read_guide_script(EDITED_SCRIPT)
+    flags = script.argv
+    assert "--bf16" not in flags and "--use_lora" in flags
+    assert flags[flags.index("--learning_rate") + 1] == "5e-5" and flags[flags.index("--max_steps") + 1] == "1000"
+    assert flags[-2:] == ["--deepspeed", "configs/ds_config_zero2_offload.json"]
+    assert any(n.startswith("line 12 '# --bf16 \\' inside a continued command: skipped, and the flags after "
+                            "it read") and "bash would have ended the command there" in n for n in script.notices)
+    # A blank line too; but a comment before a line that does not go on with the command ends it, as in bash.
+    blank = read_guide_script(_script(tmp_path, "python finetune.py --a 1 \\\n\n    --b 2\n# done \\\necho --c\n"))
+    assert blank.argv == ["--a", "1", "--b", "2"]
+    assert any(n.startswith("line 2 (blank) inside a continued command") for n in blank.notices)
+    ended = read_guide_script(_script(tmp_path, "python finetune.py --a 1 \\\n# the end\necho --b 2\n"))
+    assert ended.argv == ["--a", "1"] and not any("skipped" in n for n in ended.notices)
+    # A comment before the "\" takes it along in bash; read on, with a notice.
+    before = read_guide_script(_script(tmp_path, "python finetune.py --a 1 # rate \\\n    --b 2\n"))
+    assert before.argv == ["--a", "1", "--b", "2"]
+    assert any("a comment before '\\' takes the '\\' with it" in n and "(line 1)" in n for n in before.notices)
+
+
+def test_backticks_work_like_date_substitution_and_others_are_refused(tmp_path):
+    script = read_guide_script(EDITED_SCRIPT)
+    output_dir = script.argv[script.argv.index("--output_dir") + 1]
+    assert output_dir == f"output/OCNLILoRA/{time.strftime('%Y%m%d')}/"
+    for text, line, substitution in (
+            ("python finetune.py \\\n  --output_dir out/$(whoami) \\\n  --bf16\n", 2, "$(whoami)"),
+            ("HOST=`hostname`\npython finetune.py --output_dir out/$HOST\n", 1, "`hostname`"),
+            ("export RANK=$(( 1 + 1 ))\npython finetune.py\n", 1, "$(( 1 + 1 ))")):
+        with pytest.raises(ArgumentError) as error:
+            read_guide_script(_script(tmp_path, text))
+        message = str(error.value)
+        assert f"line {line}: cannot run the command substitution {substitution}" in message
+        assert "pass the flag on the command line" in message and "\n" not in message
+    # Substitutions whose value no flag or export uses are never run.
+    unused = read_guide_script(_script(tmp_path, 'cd "$(dirname "$0")"\nHOST=$(hostname)\npython finetune.py --a\n'))
+    assert unused.argv == ["--a"]
+
+
+def test_variables_the_script_does_not_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "/data")
+    monkeypatch.delenv("RUN_NAME", raising=False)
+    monkeypatch.delenv("MODEL_DIR", raising=False)
+    script = read_guide_script(_script(tmp_path, "MODEL=${MODEL_DIR:-/models/m}\npython finetune.py \\\n"
+                                                 "  --train_data_path $DATA_ROOT/t.json \\\n"
+                                                 "  --output_dir out/${RUN_NAME}/ --model_name_or_path $MODEL\n"))
+    assert script.argv == ["--train_data_path", "/data/t.json", "--output_dir", "out//",
+                           "--model_name_or_path", "/models/m"]
+    assert "$DATA_ROOT (line 3) is not set by the script: taken from this environment" in script.notices
+    assert any(n.startswith("$RUN_NAME (line 4) is set neither by the script nor in this environment: read as "
+                            "empty") for n in script.notices)
+    assert not any("MODEL_DIR" in n for n in script.notices)  # the script gave its default
+
+
+def test_environment_prefix_of_the_command_is_exported(tmp_path):
+    script = read_guide_script(EDITED_SCRIPT)
+    assert script.launcher == "torchrun" and script.program == "finetune.py"
+    assert script.env == {"NCCL_P2P_DISABLE": "1"}
+    assert "CUDA_VISIBLE_DEVICES=0,1 read as --include localhost:0,1" in script.notices
+    prefixed = read_guide_script(_script(tmp_path, "A=1 deepspeed --include localhost:1 finetune.py --bf16\n"
+                                                   "export B=2 C\nC=3\npython eval.py\n"))
+    assert prefixed.env == {"A": "1", "B": "2"} and prefixed.argv == ["--bf16"]
+    assert "line 4: a second training command (python ...) is not run; only the first is read" in prefixed.notices
+
+
+def test_launcher_flags_become_launch_options_never_training_flags(tmp_path):
+    _, run = resolve_script(EDITED_SCRIPT, ["--train_data_path", "t.json"])
+    launch = run.launch
+    assert (launch.num_gpus, launch.master_port, launch.include) == (2, 29600, "localhost:0,1")
+    assert any(n == "torchrun's own --standalone: no meaning here (minicpm-train starts the processes itself); "
+                    "ignored" for n in run.notices)
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text("distributed_type: MULTI_GPU\ngpu_ids: 0,1,2\nnum_processes: 3\n"
+                                 "mixed_precision: bf16\n")
+    script = read_guide_script(_script(tmp_path, f"accelerate launch --config_file {accelerate_config} "
+                                                 "--num_processes 2 --main_process_port 29700 --mixed_precision "
+                                                 "bf16 finetune.py --bf16\n"))
+    assert script.launcher == "accelerate" and script.argv == ["--bf16"]
+    assert script.launch_flags == ["--include", "localhost:0,1,2", "--num_gpus", "2", "--master_port", "29700"]
+    assert any("read gpu_ids: 0,1,2, num_processes: 3; its other settings are not used" in n for n in script.notices)
+    assert "accelerate's own --mixed_precision bf16: no meaning here" in " ".join(script.notices)
+    module = read_guide_script(_script(tmp_path, "python -m torch.distributed.run --nproc-per-node=4 --nnodes 1:2 "
+                                                 "finetune.py --bf16\n"))
+    assert module.launcher == "torchrun" and module.launch_flags == ["--num_gpus", "4"]
+    assert any(n.startswith("torchrun's own --nnodes 1:2: no meaning here") for n in module.notices)
+    deepspeed = read_guide_script(_script(tmp_path, "CUDA_VISIBLE_DEVICES=3 deepspeed -i localhost:1 --no_local_rank "
+                                                    "finetune.py --bf16\n"))
+    assert deepspeed.launch_flags == ["--include", "localhost:1"] and deepspeed.env == {}
+    assert any(n.startswith("deepspeed's own --no_local_rank: no meaning here") for n in deepspeed.notices)
+    assert any(n.startswith("CUDA_VISIBLE_DEVICES=3 ignored: the launcher's --include") for n in deepspeed.notices)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.yaml", "learning_rate: 1e-4\nuse_lora: [true\n", r"bad.yaml: not valid YAML \(line 3\): "),
+    ("bad.json", '{"learning_rate": 1e-4,\n "use_lora": }', r"bad.json: not valid JSON \(line 2\): Expecting value"),
+    ("run.yaml", "learning_rat: 1e-4\n", r"run.yaml: unknown key 'learning_rat'; did you mean learning_rate\?"),
+])
+def test_config_file_errors_are_one_line_and_name_the_file(tmp_path, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ArgumentError, match=message) as error:
+        parse_run_args(["--config", str(config)] + REQUIRED)
+    assert "\n" not in str(error.value) and "unrecognised argument" not in str(error.value)
+
+
+def test_qlora_with_zero3_and_missing_hostfile_refused_at_parse_time(tmp_path):
+    own = tmp_path / "ds.json"
+    own.write_text('{"zero_optimization": {"stage": 3}}')
+    for deepspeed in ("zero3", "zero3_offload", str(own), '{"zero_optimization": {"stage": 3}}'):
+        with pytest.raises(ArgumentError) as error:
+            parse_run_args(REQUIRED + ["--qlora", "--deepspeed", deepspeed])
+        assert str(error.value) == ("QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the "
+                                    "guide's QLoRA setting) or zero2")
+    assert parse_run_args(REQUIRED + ["--qlora", "--deepspeed", "zero2_offload"]).options.qlora
+    assert parse_run_args(REQUIRED + ["--use_lora", "--deepspeed", "zero3"]).options.use_lora
+    with pytest.raises(ArgumentError, match=r"^--hostfile .*nodes does not exist: it lists the nodes"):
+        parse_run_args(REQUIRED + ["--hostfile", str(tmp_path / "nodes")])
+    (tmp_path / "nodes").write_text("worker-1 slots=8\n")
+    assert parse_run_args(REQUIRED + ["--hostfile", str(tmp_path / "nodes")]).launch.hostfile.endswith("nodes")
+    with pytest.raises(ArgumentError, match="--num_gpus: invalid int value: 'two'"):
+        parse_run_args(REQUIRED + ["--num_gpus", "two"])

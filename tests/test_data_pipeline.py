@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from minicpm_train.data import IGNORE_INDEX, DataError, PaddingCollator, load_supervised
+from minicpm_data.errors import FormatError
+from minicpm_train.data import IGNORE_INDEX, PaddingCollator, load_supervised
 from train_helpers import MAX_LENGTH, TASK_TRAIN
 
 
@@ -71,7 +72,7 @@ def test_invalid_file_names_records_and_the_validate_command(tokenizer, tmp_path
     data.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": "ok"}]},
                                 {"messages": [{"role": "robot", "content": "hi"}]}]))
-    with pytest.raises(DataError, match=rf"minicpm-data validate {data}"):
+    with pytest.raises(FormatError, match=rf"2 problem\(s\) in record\(s\) 1; first: .*record 1 .*minicpm-data validate {data}"):
         load_supervised(data, tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path)
 
 

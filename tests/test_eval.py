@@ -125,6 +125,10 @@ def test_cli_eval_paths_and_flag_spellings(tiny_llama, tiny_minicpm3, tmp_path, 
     assert code == 1 and err.count("\n") == 1 and f"-o {tmp_path} is a folder" in err
     code, _, err = run_cli(monkeypatch, capsys, *eval_dev, "-o", str(Path(__file__) / "pred.jsonl"))
     assert code == 1 and err.count("\n") == 1 and f"{Path(__file__)} is a file, not a folder" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"messages": [{"role": "bot", "content": "hi"}, {"role": "user", "content": "q"}]}]))
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(tiny_llama), "--data", str(bad))
+    assert code == 1 and err.count("\n") == 1 and "record(s) 0" in err and f"minicpm-data validate {bad}" in err
 
     def refused(result, path):
         raise PermissionError(13, "Permission denied", str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,46 @@ def test_cpu_launcher_names_deepspeeds_accelerator_unless_set(tmp_path, monkeypa
     run = ResolvedRun(RunOptions(), LaunchOptions(num_gpus=2), {"output_dir": str(tmp_path)})
     assert run_launcher(run, decide(LaunchOptions(num_gpus=2), [])) == 0
     assert seen["DS_ACCELERATOR"] == (preset or "cpu") and seen["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_rank_meeting_a_library_error_exits_with_one_line_from_rank_zero(rank, tmp_path, monkeypatch, capsys):
+    from minicpm_train import recipe
+    from minicpm_train.args import parse_run_args
+
+    run = parse_run_args(["--model_name_or_path", str(tmp_path / "no-such-model"), "--output_dir", str(tmp_path / "out"),
+                          "--train_data_path", str(tmp_path / "no-such.json")])
+    resolved = tmp_path / "resolved.json"
+    resolved.write_text(json.dumps(run.to_dict()))
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main([str(resolved)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err.startswith("error: ") and err.count("\n") == 1 and "no-such" in err
+    else:
+        assert err == ""
+
+
+def test_one_process_deepspeed_run_moves_off_a_busy_port(monkeypatch):
+    """Another run holds the guide's --master_port: this one-process run takes a free port, and says so;
+    a stale WORLD_SIZE left in the shell does not turn it into a multi-rank rendezvous."""
+    import os
+    import socket
+
+    from minicpm_train.recipe import _deepspeed_single_process_env
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    notes = []
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        _deepspeed_single_process_env(taken, notes.append)
+        assert (os.environ["WORLD_SIZE"], os.environ["RANK"]) == ("1", "0")
+        assert int(os.environ["MASTER_PORT"]) != taken and notes == [f"note: port {taken} is in use; "
+                                                                     f"this one-process run uses port "
+                                                                     f"{os.environ['MASTER_PORT']} instead"]

@@ -233,6 +233,8 @@ def test_cli_json_and_errors(monkeypatch, capsys):
     assert code == 1 and err.count("\n") == 1 and "known MiniCPM" in err
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--bf16")
     assert code == 1 and "--model_name_or_path" in err and "train_data_path" not in err
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "MiniCPM4-0.5B", "--gpu-memory", "-3")
+    assert code == 1 and err == "error: --gpu-memory must be more than 0 GB, not -3\n"
 
 
 def test_guide_script(fixtures_dir):

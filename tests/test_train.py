@@ -149,7 +149,9 @@ def test_model_needing_custom_code_says_trust_remote_code(tmp_path, tiny_llama, 
     (custom / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="modeling_minicpm.MiniCPMForCausalLM.*add --trust_remote_code"):
         run_in_process(task_argv(custom, tmp_path / "o", data_cache, steps=2))
-    with pytest.raises(ModelError, match="model folder not found"):
+    with pytest.raises(ModelError, match="runs the folder's own code, but modeling_minicpm.py is not there"):
+        run_in_process(task_argv(custom, tmp_path / "o", data_cache, "--trust_remote_code", steps=2))
+    with pytest.raises(ModelError, match="model folder not found.*hf download openbmb/MiniCPM4-0.5B"):
         run_in_process(task_argv(tmp_path / "missing", tmp_path / "o", data_cache, steps=2))
 
 
@@ -168,7 +170,7 @@ def test_qlora_compute_dtype_follows_precision_with_kbit_preparation(tiny_llama,
     assert layers and {layer.compute_dtype for layer in layers} == {getattr(torch, {"bf16": "bfloat16"}.get(precision, "float32"))}
     assert {layer.weight.quant_type for layer in layers} == {"nf4"} and layers[0].weight.quant_state.nested  # double quant
     assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
-    assert model.base_model.model.is_gradient_checkpointing
+    assert model.base_model.model.is_activation_checkpointing
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 

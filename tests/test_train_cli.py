@@ -40,6 +40,22 @@ def test_guide_script_runs_on_cpu(tmp_path, tiny_llama, data_cache):
     assert config["training_arguments"]["eval_strategy"] == "steps"
     assert "eval loss" in out and "tok/s" in out
     assert "Setting accelerator to CPU" not in result.stdout + result.stderr  # DS_ACCELERATOR=cpu, set by run
+    assert any("--include localhost:1 ignored" in notice for notice in config["notices"])  # hardware notices too
+
+
+def test_short_run_shows_its_loss_and_its_adapter_finds_the_base_from_anywhere(tiny_llama, tmp_path, data_cache,
+                                                                                monkeypatch, capsys):
+    (tmp_path / "model").symlink_to(tiny_llama)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--model_name_or_path", "model", "--output_dir", "out",
+                             "--train_data_path", str(TASK_TRAIN), "--use_lora", "--max_steps", "3",
+                             "--data_cache_dir", str(data_cache))
+    assert code == 0, err
+    assert "train" in out and "loss " in out and "tok/s" in out  # the progress display had a loss to show
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1]  # logging_first_step, then every 10
+    base = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tmp_path / "model")
 
 
 def test_run_and_plan_flags_take_both_spellings(tiny_llama, tmp_path, monkeypatch, capsys):
