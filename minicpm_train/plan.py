@@ -339,11 +339,13 @@ def suggest(arch: Architecture, settings: PlanSettings, gpu_memory: int) -> list
         return fitting
     names: list[str] = []
     combined, best = settings, None
-    while len(names) < 8:
+    for _ in range(8):
         options = [(name, estimate(arch, s), s) for name, s in _candidates(combined, arch)]
         if not options:
             break
         name, result, combined = min(options, key=lambda option: option[1].total)
+        if name.startswith("DeepSpeed"):  # a preset replaces the one chosen before (QLoRA moves ZeRO-3 to 2)
+            names = [earlier for earlier in names if not earlier.startswith("DeepSpeed")]
         names.append(name)
         best = Suggestion(" + ".join(names), combined, result.total, result.total <= gpu_memory, result.cpu_offload)
         if best.fits:

@@ -190,6 +190,10 @@ def test_verdicts_and_suggestions():
     tiny_gpu = make_plan("MiniCPM-2B", settings, gpu_memory_gib=8)
     assert len(tiny_gpu.suggestions) == 1 and " + " in tiny_gpu.suggestions[0].change
     assert tiny_gpu.suggestions[0].fits
+    # Nothing fits on 1 GB: the best combination says so, and names only the preset it ends with.
+    hopeless = make_plan("MiniCPM-2B", settings, gpu_memory_gib=1).suggestions
+    assert len(hopeless) == 1 and not hopeless[0].fits and hopeless[0].change.count("DeepSpeed") == 1
+    assert f"DeepSpeed {hopeless[0].settings.deepspeed.name}" in hopeless[0].change
     assert make_plan("MiniCPM-2B", settings).verdict == "unknown"
 
 
