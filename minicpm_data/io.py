@@ -17,11 +17,10 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -39,8 +38,7 @@ _FALLBACK_ENCODINGS = ("utf-8", "gb18030")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
+class RawRecord(NamedTuple):
     """One input record: its 0-based ``index`` in the file, its 1-based ``line`` where the format
     has lines (JSON Lines, CSV: the row's first line), and the parsed ``data``."""
 
@@ -465,15 +463,17 @@ class RecordWriter:
 
     def write(self, record: Any) -> None:
         """Write one record (dicts, lists, dataclasses such as :class:`Conversation`)."""
-        self.write_serialized(serialize(record))
+        self.write_serialized([serialize(record)])
 
-    def write_serialized(self, data: bytes) -> None:
-        """Write one record already serialized by :func:`serialize`."""
+    def write_serialized(self, records: Sequence[bytes]) -> None:
+        """Write records already serialized by :func:`serialize`, in one call."""
+        if not records:
+            return
         if self._fmt == "json":
-            self._handle.write(b"\n" + data if self.count == 0 else b",\n" + data)
+            self._handle.write((b"\n" if self.count == 0 else b",\n") + b",\n".join(records))
         else:
-            self._handle.write(data + b"\n")
-        self.count += 1
+            self._handle.write(b"\n".join(records) + b"\n")
+        self.count += len(records)
 
     def close(self) -> None:
         if self._fmt == "json":

@@ -16,6 +16,7 @@ Tool turns are handled first by the tool policy: ``reject`` (default; reason ``t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.sources.base import TOOL_ROLE, RecordRejected
@@ -77,33 +78,34 @@ _STEPS: tuple[tuple[str, Callable[[Messages], Messages | None]], ...] = (
 )
 
 
-def _already_valid(messages: Messages, verbatim: bool) -> bool:
-    """One cheap pass: True when no repair applies and the turn order is valid (the common case)."""
+def _fast_record(messages: Messages, *, repair: bool, verbatim: bool,
+                 default_system: str | None) -> tuple[dict[str, Any], list[str]] | None:
+    """One pass for the common case: when stripping is the only repair the turns need (allowed, or not
+    needed) and their order is valid, the target record and the repairs; else ``None``."""
     if not messages:
-        return False
+        return None
     start = 1 if messages[0].role == "system" else 0
-    expected = "user"
+    turns = [{"role": "system", "content": default_system}] if default_system and not start else []
+    expected, stripped = "user", False
     for position, message in enumerate(messages):
         content = message.content
-        if not content or content[0].isspace() or content[-1].isspace():
-            if not verbatim or not content.strip():
-                return False
+        text = content.strip()
+        if not text:
+            return None
         if position >= start:
             if message.role != expected:
-                return False
+                return None
             expected = "assistant" if expected == "user" else "user"
-    return expected == "user" and len(messages) > start
+        if text != content and not verbatim:
+            content, stripped = text, True
+        turns.append({"role": message.role, "content": content})
+    if expected != "user" or len(messages) == start or (stripped and not repair):
+        return None
+    return {"messages": turns}, ["strip whitespace"] if stripped else []
 
 
-def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
-           verbatim: bool = False, default_system: str | None = None) -> tuple[Conversation, list[str]]:
-    """Apply the tool policy and repairs, add ``default_system`` where there is none, check turn order.
-
-    Returns the finished conversation and the repairs applied; raises :class:`RecordRejected`.
-    """
-    messages = conversation.messages
-    if _already_valid(messages, verbatim) and (not default_system or messages[0].role == "system"):
-        return conversation, []
+def _repaired(messages: Messages, *, repair: bool, tool_turns: str, verbatim: bool) -> tuple[Messages, list[str]]:
+    """The tool policy and every repair step, in order; the repaired turns and the repairs applied."""
     applied: list[str] = []
     if any(m.role == TOOL_ROLE for m in messages):
         if tool_turns == "reject":
@@ -119,10 +121,32 @@ def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str =
                 raise RecordRejected("needs repair", kind)
             applied.append(kind)
             messages = repaired
+    return messages, applied
+
+
+def finished_record(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
+                    verbatim: bool = False, default_system: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """:func:`finish`, returning the conversation as its target-format record (what convert writes)."""
+    # Fast path: most records need at most stripping; one pass checks that and builds the record.
+    fast = _fast_record(conversation.messages, repair=repair, verbatim=verbatim, default_system=default_system)
+    if fast is not None:
+        return fast
+    messages, applied = _repaired(conversation.messages, repair=repair, tool_turns=tool_turns, verbatim=verbatim)
     if default_system and not (messages and messages[0].role == "system"):
         messages = [Message("system", default_system), *messages]
     problems = turn_problems([m.role for m in messages])
     if problems:
         reason = "invalid turn order" if any(m.role == "system" for m in messages[1:]) else "empty conversation"
         raise RecordRejected(reason, problems[0][1])
-    return Conversation(messages), applied
+    return Conversation(messages).to_record(), applied
+
+
+def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
+           verbatim: bool = False, default_system: str | None = None) -> tuple[Conversation, list[str]]:
+    """Apply the tool policy and repairs, add ``default_system`` where there is none, check turn order.
+
+    Returns the finished conversation and the repairs applied; raises :class:`RecordRejected`.
+    """
+    record, applied = finished_record(conversation, repair=repair, tool_turns=tool_turns, verbatim=verbatim,
+                                      default_system=default_system)
+    return Conversation.from_record(record), applied
