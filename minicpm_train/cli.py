@@ -79,7 +79,8 @@ def run_command(
 
     # bitsandbytes warns on import that an optional CPU kernel cannot be downloaded (we run offline).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    from minicpm_train.args import parse_run_args, resolve_script
+    from minicpm_train.args import parse_run_args
+    from minicpm_train.guide_script import resolve_script
     from minicpm_train.launch import launcher_command, plan_run, run_launcher
 
     if script:

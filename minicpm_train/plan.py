@@ -408,7 +408,8 @@ def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib
 
     With no GPU here, the GPUs ``--num_gpus`` / ``--include`` name are assumed (bf16-capable).
     """
-    from minicpm_train.args import parse_run_args, resolve_script
+    from minicpm_train.args import parse_run_args
+    from minicpm_train.guide_script import resolve_script
     from minicpm_train.launch import Device, decide, detect_devices
     from minicpm_train.model_sizes import resolve_architecture
 
