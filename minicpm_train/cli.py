@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 from rich.markup import escape
 
 from minicpm_data.cli_app import err_console, make_app, run_app
@@ -30,12 +31,42 @@ def main() -> None:
 def _command(name: str, *, passthrough: bool = False, **kwargs):
     """``app.command`` where every multi-word option takes both spellings (``--a-b`` and ``--a_b``).
 
-    ``passthrough`` leaves unknown flags to the command (run and plan hand them to the HF parser).
+    ``passthrough`` leaves unknown flags to the command (run and plan hand them to the HF parser) and shows
+    those flags in the command's help.
     """
     settings = {"token_normalize_func": flag_name}
     if passthrough:
         settings.update(allow_extra_args=True, ignore_unknown_options=True)
+        kwargs["cls"] = _RunFlagsCommand
     return app.command(name, context_settings=settings, **kwargs)
+
+
+class _RunFlagsCommand(TyperCommand):
+    """``run`` and ``plan``: their help adds the run's flags in groups (they reach the command as extra args)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        super().format_help(ctx, formatter)
+        from minicpm_train.flag_help import render_groups
+
+        render_groups(Console(), ctx.command_path)
+
+
+def _show_help_all(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from minicpm_train.flag_help import training_arguments_help
+
+        with _quiet_loading():
+            text = training_arguments_help(ctx.command_path)
+        typer.echo(text, nl=False)
+        raise typer.Exit()
+
+
+_HELP_ALL = typer.Option(False, "--help-all", is_eager=True, expose_value=False, callback=_show_help_all,
+                         show_default=False,
+                         help="List every Hugging Face TrainingArguments flag (all accepted) with its default, "
+                              "and exit.")
+_CONFIG = typer.Option(None, "--config", help="A YAML or JSON file of flag names and values; flags given override it.")
+_SCRIPT = typer.Option(None, "--script", help="A guide-style finetune shell script to read the flags from.")
 
 
 def _show_notices(notices: list[str]) -> None:
@@ -45,6 +76,11 @@ def _show_notices(notices: list[str]) -> None:
 
 
 # --- run -----------------------------------------------------------------------
+
+
+def _run_argv(ctx: typer.Context, config: str | None) -> list[str]:
+    """The run's flags as the parser takes them: ``--config`` (shown in the help as an option) first."""
+    return (["--config", config] if config else []) + list(ctx.args)
 
 
 def _show_script(script) -> None:
@@ -71,8 +107,10 @@ def _show_script(script) -> None:
 )
 def run_command(
     ctx: typer.Context,
-    script: str = typer.Option(None, "--script", help="A guide-style finetune shell script to read the flags from."),
+    script: str = _SCRIPT,
+    config: str = _CONFIG,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved run and the hardware decisions only."),
+    help_all: bool = _HELP_ALL,
 ) -> None:
     import json
     import logging
@@ -83,13 +121,14 @@ def run_command(
     from minicpm_train.guide_script import resolve_script
     from minicpm_train.launch import launcher_command, plan_run, run_launcher
 
+    argv = _run_argv(ctx, config)
     if script:
-        guide, run = resolve_script(script, list(ctx.args))
+        guide, run = resolve_script(script, argv)
         _show_script(guide)
-        if ctx.args:
-            console.print(f"over the script, from the command line: {escape(' '.join(ctx.args))}", highlight=False)
+        if argv:
+            console.print(f"over the script, from the command line: {escape(' '.join(argv))}", highlight=False)
     else:
-        run = parse_run_args(list(ctx.args))
+        run = parse_run_args(argv)
     run, plan = plan_run(run)
     for notice in run.notices:
         console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
@@ -195,17 +234,19 @@ def _show_plan(report) -> None:
 )
 def plan_command(
     ctx: typer.Context,
-    script: str = typer.Option(None, "--script", help="A guide-style finetune shell script to read the flags from."),
+    script: str = _SCRIPT,
+    config: str = _CONFIG,
     gpu_memory: float = typer.Option(None, "--gpu-memory", help="GPU memory in GB (GiB) to judge against; "
                                                                  "default: the detected GPU."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    help_all: bool = _HELP_ALL,
 ) -> None:
     import json
 
     from minicpm_train.plan import plan_from_argv
 
     with _quiet_loading():
-        report = plan_from_argv(list(ctx.args), script=script, gpu_memory_gib=gpu_memory)
+        report = plan_from_argv(_run_argv(ctx, config), script=script, gpu_memory_gib=gpu_memory)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

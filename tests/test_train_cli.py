@@ -73,3 +73,17 @@ def test_run_and_plan_flags_take_both_spellings(tiny_llama, tmp_path, monkeypatc
     assert plans[0] == plans[1] and json.loads(plans[0])["verdict"] == "fits"
     code, _, err = run_cli(monkeypatch, capsys, "run", *flags, "--resume-from-checkpoint", str(tmp_path / "none"))
     assert code == 1 and err.count("\n") == 1 and "--resume_from_checkpoint" in err and "does not exist" in err
+
+
+def test_config_is_an_option_of_run_and_plan_and_flags_override_it(tiny_llama, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tiny_llama}\ntrain_data_path: {TASK_TRAIN}\nuse_lora: true\n"
+                      f"output_dir: {tmp_path / 'from-config'}\n", encoding="utf-8")
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--dry-run", "--config", str(config),
+                             "--output_dir", str(tmp_path / "from-flag"))
+    assert code == 0, err
+    out = " ".join(out.split())
+    assert ", LoRA ->" in out and "from-flag" in out and "from-config" not in out
+    code, out, err = run_cli(monkeypatch, capsys, "plan", f"--config={config}", "--gpu-memory", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["method"] == "lora"
