@@ -23,9 +23,9 @@ minicpm-data convert fixtures/raw/nli.csv --from csv --assistant-col label \
 step "validate: every output passes the schema and the turn rules"
 minicpm-data validate "$out/sharegpt.json" "$out/alpaca.jsonl" "$out"/ocnli/*.json "$out"/nli/*.json
 
-step "stats: what training will see, with the tiny ChatML tokenizer"
+step "stats: what training will see at the length the run below trains at (its --model_max_length 256)"
 minicpm-data stats "$out/nli/train.json" "$out/nli/dev.json" "$out/sharegpt.json" \
-    --tokenizer fixtures/tokenizers/chatml --model-max-length 64 --plot "$out/lengths.png"
+    --tokenizer fixtures/tokenizers/chatml --model-max-length 256 --plot "$out/lengths.png"
 
 step "inspect: the trained tokens of one sample"
 minicpm-data inspect "$out/nli/train.json" --tokenizer fixtures/tokenizers/chatml --index 0
@@ -52,4 +52,18 @@ minicpm-train chat "$out/run" --temperature 0 \
     --prompt "premise: the teacher is running by the river
 hypothesis: the teacher is not running by the river"
 
-printf '\nDone. Outputs in %s/ (converted data, rejects, lengths.png, run/ with loss_curve.png).\n' "$out"
+step "done: where to look next"
+cat <<EOF
+Written under $out/:
+  sharegpt.json alpaca.jsonl ocnli/ nli/   converted data (ocnli/ and nli/ split into train and dev)
+  *.rejects.jsonl */rejects.jsonl          every record convert rejected, with its reason
+  lengths.png                              the samples' token lengths (stats --plot)
+  tiny-model/                              the tiny random-init model trained here
+  run/                                     the trained model, run_config.json, data_summary.json,
+                                           metrics.json, loss_curve.png, checkpoint-*/
+  run/eval_dev.jsonl                       eval's predictions (metrics: run/eval_dev.metrics.json)
+Next, on your own data and model:
+  README.md                                one recipe per task: convert, check, train, QLoRA, GPUs, eval
+  docs/                                    a page per topic; docs/troubleshooting.md for every error
+  minicpm-train run --help                 the run's flags, with their defaults
+EOF
