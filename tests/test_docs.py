@@ -15,6 +15,7 @@ import typer
 from minicpm_data.cli import app as data_app
 from minicpm_train.args import flag_name, known_flag_names
 from minicpm_train.cli import app as train_app
+from minicpm_train.flag_help import own_fields
 from minicpm_train.guide_script import LAUNCHER_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,12 @@ def test_relative_links_and_their_anchors_resolve(page):
         elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
             broken.append(f"{target}: no heading #{anchor} in {path.name}")
     assert not broken, "\n".join(broken)
+
+
+def test_every_own_flag_of_run_is_documented():
+    text = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
+    undocumented = [name for name in own_fields() if f"`--{name}" not in text]
+    assert not undocumented, f"not in README.md or docs/: {undocumented}"
 
 
 def test_the_check_finds_what_does_not_exist():
