@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from minicpm_data.errors import MinicpmError
 from minicpm_train.plan import MIB, MemoryEstimate, PlanError, estimate, settings_from_run
 
 
@@ -124,7 +125,7 @@ def memory_record(run, ranks: list[RankMemory]) -> dict:
     try:
         planned: PlannedMemory | None = planned_for(run, len(ranks))
         problem = None
-    except PlanError as error:  # the run itself went fine; say why there is no plan instead of failing it
+    except MinicpmError as error:  # the run itself went fine; say why there is no plan instead of failing it
         planned, problem = None, str(error)
     return {"planned": asdict(planned) if planned else None, "plan_problem": problem,
             "ranks": [asdict(r) for r in ranks], "summary": summary_line(planned, ranks)}

@@ -54,6 +54,33 @@ def test_callback_reads_peaks_on_a_gpu_and_nothing_on_cpu(monkeypatch):
     assert on_cpu.ranks == [] and resets == [torch.device("cuda", 0)]
 
 
+def test_ranks_are_gathered_in_rank_order(monkeypatch):
+    """Under several ranks every rank's figures reach rank 0 (torch.distributed simulated: 2 ranks)."""
+    import torch.distributed as dist
+
+    from minicpm_train.memory import _gather
+
+    other = RankMemory(1, "Simulated H200", GPU_TOTAL, 1, 2, 3)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def all_gather_object(out, mine):
+        out[:] = [other, mine]
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    assert _gather(EXPECTED) == [EXPECTED, other]
+
+
+def test_a_run_without_a_plan_still_records_its_peaks(tmp_path):
+    from minicpm_train.args import LaunchOptions, ResolvedRun, RunOptions
+    from minicpm_train.memory import memory_record
+
+    run = ResolvedRun(RunOptions(model_name_or_path=str(tmp_path)), LaunchOptions(), {})  # no config.json there
+    record = memory_record(run, [EXPECTED])
+    assert record["planned"] is None and "has no config.json" in record["plan_problem"]
+    assert record["ranks"] == [vars(EXPECTED)] and record["summary"].endswith("no plan for this run")
+
+
 def test_summary_line_names_the_rank_that_used_most():
     planned = PlannedMemory(allocated=8_000 * MIB, reserved=10_000 * MIB, total=12_000 * MIB)
     ranks = [EXPECTED, RankMemory(1, "Simulated H200", GPU_TOTAL, 9_500 * MIB, 10_400 * MIB, 600 * MIB)]
