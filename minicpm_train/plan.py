@@ -431,7 +431,7 @@ def memory_terms(e: MemoryEstimate, s: PlanSettings) -> list[Term]:
                                                         else f" / {s.num_gpus} GPU(s)" if ds.stage >= 1 else "")
     gradients = ("full gradient of the largest trained weight before reduce-scatter" if ds and ds.stage == 3
                  else "of the trainable parameters")
-    live = buffers = "no ZeRO-3" if not (ds and ds.stage == 3) else ""
+    live, buffers = "no ZeRO-3", "no DeepSpeed"
     if e.zero and ds.stage == 3:
         z = e.zero
         prefetch = "auto = 0.9 h^2" if ds.prefetch_bucket_size is None else "set"
@@ -454,7 +454,7 @@ def memory_terms(e: MemoryEstimate, s: PlanSettings) -> list[Term]:
         Term("activations", "activations", e.activations, f"saved for backward at micro batch {s.micro_batch} x "
                                                           f"{s.max_length} tokens, incl. the loss's logits"),
         Term("live_parameters", "ZeRO-3 live parameters", e.live_parameters, live),
-        Term("buffers", "DeepSpeed buffers", e.buffers, buffers or "communication buckets"),
+        Term("buffers", "DeepSpeed buffers", e.buffers, buffers),
         Term("reserve", "allocator reserve", e.reserve,
              f"PyTorch caching allocator: {ALLOCATOR_RESERVE_FRACTION} x (activations + live parameters + buffers)"
              + (f" + {ZERO3_GATHER_RESERVE_FRACTION} x the weights ZeRO-3 gathers each step (fitted)"
