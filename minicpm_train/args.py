@@ -63,6 +63,7 @@ class RunOptions:
     template: str | None = field(default=None, metadata={"help": "Chat layout: chatml or minicpm2 (default: detected)."})
     truncation: str = field(default="right", metadata={"help": "Truncation policy of the renderer."})
     packing: bool = field(default=False, metadata={"help": "Pack several samples per row; they never attend to each other."})
+    loss_impl: str = field(default="auto", metadata={"help": "How the loss is computed: auto, chunked, fused or full (full materialises [batch, length, vocab] logits)."})
     precision: str | None = field(
         default=None,
         metadata={"help": "auto, bf16, fp16 or fp32; auto picks the best the hardware has (default: from --bf16/--fp16)."},

@@ -186,32 +186,25 @@ def _gib(n_bytes: int) -> str:
 def _show_plan(report) -> None:
     from rich.table import Table
 
+    from minicpm_train.plan import memory_terms
+
     e, s = report.estimate, report.settings
     ds = s.deepspeed.name if s.deepspeed else "none"
+    padding = "padded to max" if s.pad_to_max else "dynamic padding"
     table = Table(title=f"{report.model}: {s.method}, {s.precision}, micro batch {s.micro_batch} x "
-                        f"{s.max_length} tokens (accumulation {s.gradient_accumulation}), checkpointing "
+                        f"{s.max_length} tokens ({padding}, accumulation {s.gradient_accumulation}), checkpointing "
                         f"{'on' if s.gradient_checkpointing else 'off'}, DeepSpeed {ds}, {s.num_gpus} GPU(s)",
                   header_style="bold")
     table.add_column("per GPU")
     table.add_column("memory", justify="right")
     table.add_column("what")
-    share = f"{e.trainable:,} of {e.parameters:,} ({100 * e.trainable / e.parameters:.2f}%)"
-    rows = [
-        ("weights (frozen)", e.weights, "base model weights that are not trained"),
-        ("trainable parameters", e.trainable_weights, share),
-        ("gradients", e.gradients, "of the trainable parameters"),
-        ("optimizer states", e.optimizer, f"{s.optimizer}: m, v (+ fp32 masters under DeepSpeed)"),
-        ("activations", e.activations, "saved for backward, incl. logits"),
-        ("DeepSpeed buffers", e.buffers, "communication buckets"),
-        ("CUDA context", e.context, "context, workspaces, allocator slack"),
-    ]
-    for name, value, what in rows:
-        table.add_row(name, _gib(value), what)
-    table.add_row("[bold]total[/]", f"[bold]{_gib(e.total)}[/]", "")
+    for term in memory_terms(e, s):
+        table.add_row(term.label, _gib(term.bytes), escape(term.what))
+    table.add_row("[bold]total[/]", f"[bold]{_gib(e.total)}[/]", "what nvidia-smi shows at the peak")
     table.add_row("offloaded to CPU memory", _gib(e.cpu_offload), "per node, by the DeepSpeed offload preset")
     console.print(table)
     for note in e.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
     verdict = report.verdict
     style = _VERDICT_STYLE[verdict]
     if report.gpu_memory is None:
@@ -227,10 +220,24 @@ def _show_plan(report) -> None:
                       f"      {' '.join(suggestion.settings.flags())}", highlight=False)
 
 
+def _show_comparison(comparison) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{comparison.output_dir}: planned vs measured per GPU", header_style="bold")
+    for column in ("rank", "GPU", "", "planned", "measured", "difference"):
+        table.add_column(column, justify="right" if column in ("planned", "measured", "difference") else "left")
+    for row in comparison.rows():
+        table.add_row(*row)
+    console.print(table)
+    for note in comparison.notes:
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+
+
 @_command(
     "plan",
     passthrough=True,
-    help="Estimate per-GPU memory of a run before starting it: the same flags and --config as run.",
+    help="Estimate per-GPU memory of a run before starting it: the same flags and --config as run; "
+         "--from-run compares a finished run's plan with what it measured.",
 )
 def plan_command(
     ctx: typer.Context,
@@ -238,15 +245,33 @@ def plan_command(
     config: str = _CONFIG,
     gpu_memory: float = typer.Option(None, "--gpu-memory", help="GPU memory in GB (GiB) to judge against; "
                                                                  "default: the detected GPU."),
+    pad_to_max: bool = typer.Option(False, "--pad-to-max", help="Plan as OpenBMB's finetune.py ran: every sample "
+                                                                "padded to model_max_length, full logits."),
+    from_run: str = typer.Option(None, "--from-run", help="A finished run's output folder: its plan against the "
+                                                          "GPU memory it measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     help_all: bool = _HELP_ALL,
 ) -> None:
     import json
 
+    if from_run:
+        from minicpm_train.memory import compare_run
+        from minicpm_train.plan import PlanError
+
+        if ctx.args or script or config or pad_to_max:
+            raise PlanError("--from-run takes no run flags: it plans from the run's own run_config.json")
+        with _quiet_loading():
+            comparison = compare_run(from_run)
+        if as_json:
+            print(json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            _show_comparison(comparison)
+        return
     from minicpm_train.plan import plan_from_argv
 
     with _quiet_loading():
-        report = plan_from_argv(_run_argv(ctx, config), script=script, gpu_memory_gib=gpu_memory)
+        report = plan_from_argv(_run_argv(ctx, config), script=script, gpu_memory_gib=gpu_memory,
+                                pad_to_max=pad_to_max)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

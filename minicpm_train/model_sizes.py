@@ -159,6 +159,12 @@ class Architecture:
         chosen = linears if targets == "all-linear" else {n: linears[n] for n in targets if n in linears}
         return self.num_layers * sum(rank * (i + o) for i, o in chosen.values())
 
+    def largest_lora_matrix(self, rank: int, targets: list[str] | str) -> int:
+        """The biggest single LoRA matrix (A is rank x in, B is out x rank) over ``targets``."""
+        linears = self.layer_linears()
+        chosen = linears if targets == "all-linear" else {n: linears[n] for n in targets if n in linears}
+        return max((rank * max(i, o) for i, o in chosen.values()), default=0)
+
 
 @dataclass(frozen=True)
 class ParameterCount:

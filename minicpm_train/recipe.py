@@ -165,6 +165,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments).
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
+    from minicpm_train.memory import MemoryCallback, memory_record
+
     resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
     training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
@@ -176,8 +178,9 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     if eval_set is None:
         training["eval_strategy"] = "no"
     args = TrainingArguments(**training)
+    memory = MemoryCallback()  # peak GPU memory per rank; measures nothing on CPU
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+                      data_collator=collator, processing_class=tokenizer, callbacks=[*callbacks, memory])
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 
@@ -189,22 +192,29 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         at_end = last is not None and last["step"] == trainer.state.global_step
         metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if at_end else trainer.evaluate())
 
-    # 6. Save: weights (adapter or full model), tokenizer with its chat template, what was run, what was seen.
+    # 6. Save: weights (adapter or full model), tokenizer with its chat template, what was run, what was seen;
+    # on GPUs also the planned vs measured memory, in one line.
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
+        measured = memory_record(run, memory.ranks) if memory.ranks else None
+        if measured:
+            report(measured["summary"])
         _write_outputs(output_dir, run, args.to_sanitized_dict(), metrics, train_summary, eval_summary,
-                       trainer.state.log_history)
+                       trainer.state.log_history, measured)
     return RunResult(output_dir, trainer.model, metrics, train_summary, eval_summary, trainer.state.log_history)
 
 
 def _write_outputs(output_dir: Path, run: ResolvedRun, training_arguments: dict, metrics: dict,
-                   train_summary: DataSummary, eval_summary: DataSummary | None, log_history: list[dict]) -> None:
+                   train_summary: DataSummary, eval_summary: DataSummary | None, log_history: list[dict],
+                   memory: dict | None) -> None:
     resolved = {**run.to_dict(), "notices": run.notices, "training_arguments": training_arguments}
     (output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False) + "\n")
     summary = {"train": train_summary.to_dict(), "eval": eval_summary.to_dict() if eval_summary else None}
     (output_dir / "data_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    (output_dir / "metrics.json").write_text(json.dumps({"final": metrics, "log_history": log_history}, indent=2) + "\n")
+    measured = {"memory": memory} if memory else {}
+    (output_dir / "metrics.json").write_text(json.dumps({"final": metrics, "log_history": log_history, **measured},
+                                                        indent=2) + "\n")
     plot_loss_curve(log_history, output_dir / "loss_curve.png")
 
 

@@ -1,5 +1,6 @@
 """minicpm-train plan: parameter counts from config dims, memory formulas against hand-computed cases,
-DeepSpeed's own estimator, OpenBMB's published figure, verdicts, suggestions, and the command line."""
+DeepSpeed's own estimator and its "auto" values, ZeRO-3's working memory, OpenBMB's published figures,
+verdicts, suggestions, and the command line."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import pytest
 
 from minicpm_train.model_sizes import Architecture, ModelSizeError, resolve_architecture
 from minicpm_train.plan import (
+    ALLOCATOR_RESERVE_FRACTION,
     CUDA_CONTEXT_BYTES,
     GIB,
+    LOSS_CHUNK_POSITIONS,
     MIB,
+    NCCL_BUFFER_BYTES,
+    ZERO3_GATHER_RESERVE_FRACTION,
     DeepSpeedSetup,
     PlanError,
     PlanSettings,
@@ -91,7 +96,9 @@ def test_full_plain_by_hand():
     # per token per layer: 4h + q + o (2*64) + k + v (2*32) + 4i = 256 + 128 + 64 + 512 = 960 elements;
     # 2 layers + final norm 2h: 2048 elements * 2 bytes * 16 tokens; logits 16 * 100 * (2 + 4 + 4)
     assert e.activations == 2048 * 2 * 16 + 16 * 100 * 10
-    assert e.total == 18 * p + 81536 + CUDA_CONTEXT_BYTES
+    assert e.reserve == int(ALLOCATOR_RESERVE_FRACTION * 81536)  # no ZeRO-3: the assumed 10% of what is freed
+    assert e.allocated == 18 * p + 81536 and e.reserved == e.allocated + e.reserve
+    assert e.total == 18 * p + 81536 + e.reserve + CUDA_CONTEXT_BYTES
     checkpointed = estimate(small(), PlanSettings("full", micro_batch=2, max_length=8, gradient_checkpointing=True))
     # kept: layer inputs L*h = 128 and the final norm 128; then the larger of one recomputed layer
     # (960 * 2 bytes * 16 tokens = 30720) and the logits (16000)
@@ -120,7 +127,8 @@ def test_activations_match_what_autograd_saves():
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
     arch = Architecture.from_config({**dims, "model_type": "llama"}, "measured")
-    estimated = estimate(arch, PlanSettings("full", micro_batch=2, max_length=128, precision="fp32")).activations
+    settings = PlanSettings("full", micro_batch=2, max_length=128, precision="fp32", loss_impl="full")
+    estimated = estimate(arch, settings).activations
     assert estimated == pytest.approx(sum(saved.values()), rel=0.10)
 
 
@@ -142,6 +150,7 @@ def test_zero2_by_hand_and_against_deepspeed_estimator():
     e = estimate(small(), PlanSettings("full", micro_batch=1, max_length=4, deepspeed=ZERO2, num_gpus=gpus))
     assert (e.trainable_weights, e.gradients, e.optimizer) == (2 * p, p, 8 * p)
     assert e.buffers == int(2 * (p + p) * 4.5)  # buckets capped at the trainable count, x4.5 with overlap_comm
+    assert e.live_parameters == 0
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -161,18 +170,143 @@ def test_zero2_by_hand_and_against_deepspeed_estimator():
         ours = estimate(arch, PlanSettings("full", deepspeed=setup, num_gpus=4))
         _, theirs, _ = estimate_zero3_model_states_mem_needs(total, largest, 4, cpu_offload=True,
                                                              cpu_offload_params=offload_param)
-        assert ours.weights + ours.trainable_weights + ours.gradients + ours.optimizer == pytest.approx(theirs, abs=8)
-        assert ours.cpu_offload > 0
+        # DeepSpeed's gathered largest weight (2 bytes x LL) is part of the live parameters, counted apart
+        states = ours.weights + ours.trainable_weights + ours.gradients + ours.optimizer
+        assert states + 2 * largest == pytest.approx(theirs, abs=8)
+        assert ours.live_parameters >= 2 * largest and ours.cpu_offload > 0
 
 
-def test_close_to_openbmb_published_full_sft():
-    """sft_finetune.sh: MiniCPM-2B, batch 14, length 512, ZeRO-2, 4 GPUs: 30,245 MiB per GPU."""
+def test_zero3_by_hand():
+    """Small model, 2 GPUs: partitioned model states, the whole (tiny) model gathered, buckets from "auto"."""
+    p, largest = SMALL_PARAMS, 64 * 128
+    zero3 = DeepSpeedSetup("zero3", 3)  # every size "auto"
+    e = estimate(small(), PlanSettings("full", micro_batch=1, max_length=4, deepspeed=zero3, num_gpus=2))
+    assert (e.weights, e.trainable_weights, e.gradients, e.optimizer) == (0, p, 2 * largest, 8 * p)
+    assert e.live_parameters == 2 * p  # stage3_max_live_parameters 1e9 > the model: all of it at once
+    assert e.buffers == 2 * 2 * 64 * 64  # the contiguous bucket and its reduce-scatter copy, auto = h^2
+    churn = e.activations + e.live_parameters + e.buffers
+    assert e.reserve == int(ALLOCATOR_RESERVE_FRACTION * churn + ZERO3_GATHER_RESERVE_FRACTION * 2 * p)
+    assert e.context == CUDA_CONTEXT_BYTES + NCCL_BUFFER_BYTES
+    alone = estimate(small(), PlanSettings("full", micro_batch=1, max_length=4, deepspeed=zero3, num_gpus=1))
+    assert alone.live_parameters == 0 and alone.context == CUDA_CONTEXT_BYTES  # one rank uses weights in place
+    offloaded = DeepSpeedSetup("zero3_offload", 3, offload_optimizer=True, offload_param=True)
+    fetched = estimate(small(), PlanSettings("full", micro_batch=1, max_length=4, deepspeed=offloaded))
+    assert fetched.live_parameters == 2 * p and fetched.trainable_weights == fetched.optimizer == 0
+    assert fetched.cpu_offload == 2 * p + 16 * p
+
+
+def test_zero3_live_parameters_follow_the_config():
+    """MiniCPM-2B: about half the reuse distance stays gathered at the turn to backward, plus the largest weight
+    (the tied embedding) and the prefetch bucket, capped by stage3_max_live_parameters."""
+    arch = resolve_architecture("MiniCPM-2B")[0]
+    counts, h = arch.parameters(), 2304
+    prefetch = int(0.9 * h * h)
+    default = estimate(arch, PlanSettings("full", deepspeed=DeepSpeedSetup("zero3", 3), num_gpus=4))
+    assert default.live_parameters == 2 * (500_000_000 + counts.largest_layer + prefetch + counts.norms)
+    capped = DeepSpeedSetup("zero3", 3, max_live_parameters=3e8)
+    assert estimate(arch, PlanSettings("full", deepspeed=capped, num_gpus=4)).live_parameters == \
+        2 * (300_000_000 + counts.norms)
+    # a gathered weight must fit whatever the cap: the embedding is never split across the limit
+    tiny_cap = DeepSpeedSetup("zero3", 3, max_live_parameters=1e6, max_reuse_distance=0)
+    assert estimate(arch, PlanSettings("full", deepspeed=tiny_cap, num_gpus=4)).live_parameters == \
+        2 * (counts.largest_layer + counts.norms)
+
+
+def test_deepspeed_auto_values_and_defaults():
+    """ "auto" resolves as transformers' DeepSpeed integration does; absent keys take DeepSpeed's defaults."""
     from minicpm_train.plan import _zero
 
-    settings = PlanSettings("full", micro_batch=14, max_length=512, gradient_accumulation=2,
-                            gradient_checkpointing=True, deepspeed=_zero("zero2"), num_gpus=4)
-    total_mib = make_plan("MiniCPM-2B-sft-bf16", settings).estimate.total / MIB
-    assert total_mib == pytest.approx(30245, rel=0.10)
+    sizes = _zero("zero3").sizes(2304)
+    assert (sizes.reduce_bucket, sizes.prefetch_bucket, sizes.persistence_threshold) == \
+        (2304 * 2304, int(0.9 * 2304 * 2304), 10 * 2304)
+    assert (sizes.max_live_parameters, sizes.max_reuse_distance, sizes.overlap_comm) == (10**9, 10**9, True)
+    bare = DeepSpeedSetup.from_config({"zero_optimization": {"stage": 3}}, "bare").sizes(2304)
+    assert (bare.reduce_bucket, bare.prefetch_bucket, bare.persistence_threshold, bare.overlap_comm) == \
+        (500_000_000, 50_000_000, 100_000, True)
+    stage2 = DeepSpeedSetup.from_config({"zero_optimization": {"stage": 2}}, "bare").sizes(2304)
+    assert not stage2.overlap_comm and stage2.allgather_bucket == 500_000_000
+
+
+def test_logits_by_loss_implementation():
+    arch = small()  # vocab 100
+    tokens = 4 * 1024
+    per_position = 100 * (2 + 8)
+
+    def logits(**kwargs) -> int:
+        settings = PlanSettings("full", micro_batch=4, max_length=1024, **kwargs)
+        return estimate(arch, settings).activations - estimate(arch, PlanSettings(
+            "full", micro_batch=4, max_length=1024, loss_impl="chunked")).activations + \
+            LOSS_CHUNK_POSITIONS * per_position
+
+    assert logits(loss_impl="full") == tokens * per_position
+    for implementation in ("auto", "chunked", "fused"):
+        assert logits(loss_impl=implementation) == LOSS_CHUNK_POSITIONS * per_position
+    # OpenBMB's trainer: + a shifted fp32 copy of the logits, whatever --loss_impl says
+    assert logits(pad_to_max=True, loss_impl="chunked") == tokens * 100 * (2 + 12)
+    with pytest.raises(PlanError, match="--loss_impl must be"):
+        estimate(arch, PlanSettings("full", loss_impl="sparse"))
+
+
+# OpenBMB's finetune/configs/ds_config_zero3.json at a250c20 (2024-02-01), the ZeRO-3 config in the repository
+# when the figures were published; its "auto" values resolve from the model's hidden size.
+OPENBMB_ZERO3 = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+                 "zero_optimization": {"stage": 3, "allgather_partitions": True, "allgather_bucket_size": 5e8,
+                                       "reduce_scatter": True, "contiguous_gradients": True, "overlap_comm": True,
+                                       "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                       "stage3_param_persistence_threshold": "auto",
+                                       "stage3_gather_16bit_weights_on_model_save": True},
+                 "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                 "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0}
+# The flags of a250c20's lora_finetune.sh / sft_finetune.sh (finetune.py then hard-coded LoRA r=8 on q, v).
+OPENBMB_LORA = ["--model_name_or_path", "MiniCPM-2B-sft-bf16", "--include", "localhost:0",
+                "--per_device_train_batch_size", "1", "--fp16", "--use_lora", "--lora_r", "8",
+                "--gradient_accumulation_steps", "1", "--model_max_length", "512"]
+OPENBMB_SFT = ["--model_name_or_path", "MiniCPM-2B-sft-bf16", "--include", "localhost:1,2,4,5",
+               "--per_device_train_batch_size", "1", "--bf16", "--gradient_accumulation_steps", "8",
+               "--model_max_length", "512"]
+
+
+def _published(monkeypatch, capsys, flags: list[str], deepspeed: str) -> dict:
+    code, out, err = run_cli(monkeypatch, capsys, "plan", *flags, "--deepspeed", deepspeed, "--pad-to-max", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_openbmb_published_figures(monkeypatch, capsys, tmp_path):
+    """OpenBMB's two fully specified figures (MiniCPM-2B, batch 1, every sample padded to 512, no checkpointing),
+    with the ZeRO-3 config their repository held: within 30%."""
+    config = tmp_path / "ds_config_zero3.json"
+    config.write_text(json.dumps(OPENBMB_ZERO3))
+    lora = _published(monkeypatch, capsys, OPENBMB_LORA, str(config))
+    assert lora["settings"]["num_gpus"] == 1 and lora["settings"]["precision"] == "fp16"
+    assert lora["trainable_parameters"] == 2_949_120  # what finetune.py printed for r=8 on q_proj, v_proj
+    assert lora["per_gpu_total_mib"] == pytest.approx(10_619, rel=0.30)
+    sft = _published(monkeypatch, capsys, OPENBMB_SFT, str(config))
+    assert (sft["settings"]["num_gpus"], sft["settings"]["gradient_accumulation"]) == (4, 8)
+    assert sft["per_gpu_total_mib"] == pytest.approx(30_245, rel=0.30)
+    assert sft["deepspeed_resolved"]["reduce_bucket"] == 2304 * 2304  # "auto" = hidden_size^2
+    # our zero3 preset is the same config
+    assert _published(monkeypatch, capsys, OPENBMB_SFT, "zero3")["per_gpu_total_mib"] == sft["per_gpu_total_mib"]
+
+
+def test_openbmb_figures_under_the_offload_reading(monkeypatch, capsys):
+    """The scripts name ds_config_zero3_offload.json: LoRA still lands within 30%, but full SFT with weights and
+    optimizer states in CPU memory keeps under half of the published 30,245 MiB on the GPU, which is why the
+    figures are calibrated with the repository's ZeRO-3 config (docs/memory.md)."""
+    lora = _published(monkeypatch, capsys, OPENBMB_LORA, "ds_config_zero3_offload.json")
+    assert lora["per_gpu_total_mib"] == pytest.approx(10_619, rel=0.30)
+    sft = _published(monkeypatch, capsys, OPENBMB_SFT, "ds_config_zero3_offload.json")
+    assert sft["per_gpu_mib"]["optimizer"] == 0 and sft["cpu_offload_mib"] > 30_000
+    assert sft["per_gpu_total_mib"] < 0.5 * 30_245
+
+
+def test_openbmb_qlora_sanity_range(monkeypatch, capsys):
+    """QLoRA with CPU offload: 5,500 MiB published without its configuration; batch 1 at 512 tokens with the guide's
+    zero2_offload lands in a sanity range around it."""
+    flags = ["--model_name_or_path", "MiniCPM-2B-sft-bf16", "--num_gpus", "1", "--per_device_train_batch_size", "1",
+             "--bf16", "--use_lora", "--qlora", "--model_max_length", "512"]
+    qlora = _published(monkeypatch, capsys, flags, "ds_config_zero2_offload.json")
+    assert 0.5 * 5_500 <= qlora["per_gpu_total_mib"] <= 1.5 * 5_500
 
 
 def test_verdicts_and_suggestions():
@@ -181,11 +315,14 @@ def test_verdicts_and_suggestions():
     assert big.verdict == "fits" and big.suggestions == []
     total_gib = big.estimate.total / GIB
     assert make_plan("MiniCPM-2B", settings, gpu_memory_gib=total_gib * 1.05).verdict == "tight"
-    small_gpu = make_plan("MiniCPM-2B", settings, gpu_memory_gib=24)
+    small_gpu = make_plan("MiniCPM-2B", settings, gpu_memory_gib=32)
     assert small_gpu.verdict == "does not fit"
     changes = [s.change for s in small_gpu.suggestions]
-    assert all(s.fits and s.total <= 24 * GIB for s in small_gpu.suggestions)
+    assert all(s.fits and s.total <= 32 * GIB for s in small_gpu.suggestions)
     assert any("zero3_offload" in c for c in changes) and any("QLoRA" in c for c in changes)
+    # On 24 GB, ZeRO-3's gathering reserve keeps zero3_offload alone above the limit: only QLoRA fits alone.
+    assert [s.change for s in make_plan("MiniCPM-2B", settings, gpu_memory_gib=24).suggestions] == \
+        ["QLoRA (4-bit base model)"]
     # Nothing fits alone on 8 GB: a combination is offered, and it fits.
     tiny_gpu = make_plan("MiniCPM-2B", settings, gpu_memory_gib=8)
     assert len(tiny_gpu.suggestions) == 1 and " + " in tiny_gpu.suggestions[0].change

@@ -49,8 +49,9 @@ def task_argv(model: Path, output_dir: Path, cache: Path, *extra: str, steps: in
             *extra]
 
 
-def run_in_process(argv: list[str], callbacks: tuple = ()):
-    """Parse, decide for this machine and train in this process, as ``minicpm-train run`` does.
+def run_in_process(argv: list[str], callbacks: tuple = (), report=lambda message: None):
+    """Parse, decide for this machine and train in this process, as ``minicpm-train run`` does (``report``
+    receives the run's messages).
 
     The run's environment (DeepSpeed's RANK / MASTER_PORT, a script's exports) is undone afterwards,
     so it does not leak into later tests or the processes they start.
@@ -64,7 +65,7 @@ def run_in_process(argv: list[str], callbacks: tuple = ()):
     saved = dict(os.environ)
     try:
         run, _ = plan_run(parse_run_args(argv))
-        return train(run, callbacks=callbacks)
+        return train(run, callbacks=callbacks, report=report)
     finally:
         os.environ.clear()
         os.environ.update(saved)
