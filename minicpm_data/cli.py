@@ -84,16 +84,19 @@ def _nothing_written(summary) -> str:
 def convert_command(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="Raw files: .json, .jsonl, .csv, .tsv, .parquet."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .json (a list) or .jsonl; a folder with --dev-ratio."),
-    source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv, messages or auto."),
+    source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv (mapped columns or keys), messages, "
+                                                       "prompt-completion or auto."),
     fmt: str = typer.Option(None, "--format", help="json or jsonl (default: from the output's extension)."),
     rejects: Path = typer.Option(None, "--rejects", help="Rejects file (JSONL; default: OUT.rejects.jsonl beside the output)."),
     encoding: str = typer.Option(None, "--encoding", help="Input encoding (default: detected: UTF-8, BOM, GBK/GB18030)."),
-    user_col: str = typer.Option(None, "--user-col", help="csv: column holding the user turn."),
-    assistant_col: str = typer.Option(None, "--assistant-col", help="csv: column holding the assistant turn."),
-    system_col: str = typer.Option(None, "--system-col", help="csv: column holding the system prompt."),
-    template: str = typer.Option(None, "--template", help="csv: user turn from a template with {column} placeholders."),
+    user_col: str = typer.Option(None, "--user-col", help="Column (table) or key (JSON record) holding the user turn."),
+    assistant_col: str = typer.Option(None, "--assistant-col", help="Column or key holding the assistant turn."),
+    system_col: str = typer.Option(None, "--system-col", help="Column or key holding the system prompt."),
+    template: str = typer.Option(None, "--template", help="User turn from a template with {column} / {key} placeholders."),
     system: str = typer.Option(None, "--system", help="System prompt for every record that has none."),
     tool_turns: str = typer.Option("reject", "--tool-turns", help="Records with tool turns: reject (default) or drop those turns."),
+    reasoning: str = typer.Option("reject", "--reasoning", help="Assistant turns with reasoning: reject the record "
+                                  "(default), drop the reasoning, or think: write it as <think>...</think> before the answer."),
     no_repair: bool = typer.Option(False, "--no-repair", help="Reject records that need a repair instead of repairing them."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Reject exact duplicate conversations (reason: duplicate)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes for JSON Lines input (1: none)."),
@@ -111,7 +114,7 @@ def convert_command(
 
     options = ConvertOptions(source=source, encoding=encoding, user_col=user_col, assistant_col=assistant_col,
                              system_col=system_col, template=template, system=system, tool_turns=tool_turns,
-                             repair=not no_repair, dedupe=dedupe, workers=workers)
+                             reasoning=reasoning, repair=not no_repair, dedupe=dedupe, workers=workers)
 
     with err_console.status("converting...") as status:
 
