@@ -197,6 +197,7 @@ def split_command(
 _TOKENIZER_HELP = "Local model folder (offline; custom auto_map code is never run) or hub id."
 _TEMPLATE_HELP = "Chat layout: chatml (MiniCPM3/4/4.1/SALA/5) or minicpm2 (<用户>/<AI>). Default: detected."
 _TRUNCATION_HELP = "right: keep the first N tokens; drop: never train on a sample longer than N."
+_TRAIN_ON_HELP = "Assistant turns trained: all, or last (only the final one); a turn's own train flag wins."
 
 
 def _no_colour() -> bool:
@@ -221,6 +222,7 @@ def stats_command(
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Per-device batch size, for padding waste."),
+    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here (.png added if missing)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
@@ -246,7 +248,7 @@ def stats_command(
             task = progress.add_task(file.name, total=len(conversations))
             all_stats.append(compute_stats(
                 str(file), conversations, loaded, model_max_length=model_max_length, template=template,
-                truncation=truncation, batch_size=batch_size,
+                truncation=truncation, batch_size=batch_size, train_on=train_on,
                 on_progress=lambda done: progress.advance(task, done)))
     if plot is not None:
         report.save_plot(all_stats, plot)
@@ -272,6 +274,7 @@ def inspect_command(
     model_max_length: int | None = typer.Option(None, "--model-max-length", "--model_max_length", min=1,
                                                 help="Also show what truncation to this length cuts."),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
+    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
 ) -> None:
     from itertools import islice
@@ -289,8 +292,8 @@ def inspect_command(
         raise InputError(f"{file} has no record {index}")
     console.print(f"layout {template}; tokenizer {tokenizer}", style="bold", markup=False, highlight=False)
     for number, conversation in chosen:
-        full = render(conversation, loaded, template=template)
-        cut = None if model_max_length is None else render(conversation, loaded, template=template,
+        full = render(conversation, loaded, template=template, train_on=train_on)
+        cut = None if model_max_length is None else render(conversation, loaded, template=template, train_on=train_on,
                                                            max_length=model_max_length, truncation=truncation)
         console.print(report.inspect_view(number, conversation, full, loaded, cut, markers=_no_colour()))
 
