@@ -14,7 +14,7 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs three times as much to build, and convert builds millions
 class Message:
     """One turn. ``train``: the per-turn training choice (assistant turns; ``None``: as ``train_on`` says).
     ``reasoning``: a source's reasoning text, only until convert's reasoning policy has applied it."""
