@@ -97,7 +97,7 @@ _MEDIA_PARTS = {"image": "image", "image_url": "image", "input_image": "image", 
 _PART_TEXT_KEYS = ("text", "value", "refusal", "reasoning", "thinking")
 # Message-level reasoning fields: DeepSeek / OpenAI-compatible servers, vLLM, Hugging Face chat templates.
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-# Per-turn training fields: the target format's own, LLaMA-Factory v1's, axolotl's.
+# Per-turn training fields: the target format's own, LLaMA-Factory v1's, axolotl's and OpenAI fine-tuning's (0 or 1).
 TRAIN_KEYS = ("train", "loss_weight", "weight")
 
 
