@@ -262,3 +262,27 @@ def test_reasoning_policies_count_and_keep_every_record(fixtures_dir, tmp_path):
     assert counts == {"reject": (1, 0, 0), "drop": (0, 1, 0), "think": (0, 0, 1)}
     with pytest.raises(InputError, match="unknown reasoning policy 'keep'"):
         convert_files([source], tmp_path / "x.jsonl", options=ConvertOptions(reasoning="keep"))
+
+
+def test_parquet_prompt_completion_and_weighted_messages(tmp_path):
+    """Hub datasets come as Parquet: part structs and turns carry every key, null where unused."""
+    import polars as pl
+
+    conversational = tmp_path / "trl.parquet"
+    pl.DataFrame({"prompt": [[{"role": "user", "content": "What color is the sky?"}]],
+                  "completion": [[{"role": "assistant", "content": "It is blue."}]]}).write_parquet(conversational)
+    weighted = tmp_path / "weighted.parquet"
+    turns = [{"role": "user", "content": [{"type": "text", "text": "Hi", "value": None}], "train": None, "weight": None},
+             {"role": "assistant", "content": [{"type": "text", "text": None, "value": "Hello"}], "train": None,
+              "weight": 0},
+             {"role": "user", "content": [{"type": "text", "text": "Bye", "value": None}], "train": None, "weight": None},
+             {"role": "assistant", "content": [{"type": "text", "text": "Bye!", "value": None}], "train": None,
+              "weight": 1}]
+    pl.DataFrame({"messages": [turns]}).write_parquet(weighted)
+    summary = convert_files([conversational, weighted], tmp_path / "out.jsonl")
+    assert [f.format for f in summary.files] == ["prompt-completion", "messages"]
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()] == [
+        {"messages": [{"role": "user", "content": "What color is the sky?"},
+                      {"role": "assistant", "content": "It is blue."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "train": False},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]}]

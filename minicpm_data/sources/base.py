@@ -137,7 +137,7 @@ def content_parts(value: Any, where: str) -> tuple[str, str | None, bool]:
 
 def _part_text(part: Mapping[str, Any], kind: str, where: str) -> str:
     for key in _PART_TEXT_KEYS:
-        if key in part:
+        if part.get(key) is not None:  # Parquet structs carry every part's keys, null where unused
             return text(part[key], f"{where} {kind} part")
     raise RecordRejected("malformed field", f"{where} has a {kind} part without text")
 
@@ -161,10 +161,10 @@ def chat_message(turn: Mapping[str, Any], role_name: Any, content: Any, where: s
 def turn_train(turn: Mapping[str, Any], target: str, where: str) -> bool | None:
     """The training flag of a turn from ``train`` (true/false), LLaMA-Factory's ``loss_weight`` or axolotl's
     ``weight`` (0: not trained, 1: the default); ``None`` when it has none, or is not an assistant turn."""
-    key = next(key for key in TRAIN_KEYS if key in turn)
-    value = turn[key]
-    if value is None or target == TOOL_ROLE:  # tool turns are dropped or rejected by the tool policy
+    key = next((key for key in TRAIN_KEYS if turn.get(key) is not None), None)  # Parquet: unused keys are null
+    if key is None or target == TOOL_ROLE:  # tool turns are dropped or rejected by the tool policy
         return None
+    value = turn[key]
     if key == "train":
         if type(value) is not bool:
             raise RecordRejected("unsupported weight", f"{where} train is {value!r}, not true or false")
