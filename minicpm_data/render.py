@@ -365,7 +365,8 @@ def _finish_batch(tokenized: Future, plans: list[tuple], *, layout: _Layout, max
                   on_progress: Callable[[int], None] | None) -> list[RenderedSample]:
     eos = layout.tokenizer.eos_token_id if layout.final_eos else None
     with gc_paused():
-        samples = [_sample(*tokens, None if final_eos is None else eos, bool(final_eos), layout.bos_id, max_length, drop)
+        samples = [_sample(*tokens, None if final_eos is None else eos, bool(final_eos), layout.bos_id,
+                           max_length, drop)
                    for tokens, (_, _, final_eos) in zip(tokenized.result(), plans)]
     if on_progress is not None:
         on_progress(len(samples))

@@ -28,8 +28,8 @@ from minicpm_data.validate import turn_problems
 
 TOOL_POLICIES = ("reject", "drop")
 REASONING_POLICIES = ("reject", "drop", "think")
-REPAIRS = ("drop tool turns", "drop reasoning", "reasoning into <think>", "strip whitespace", "drop empty turns", "merge same-role turns",
-           "drop leading assistant turn", "drop trailing user turn")
+REPAIRS = ("drop tool turns", "drop reasoning", "reasoning into <think>", "strip whitespace", "drop empty turns",
+           "merge same-role turns", "drop leading assistant turn", "drop trailing user turn")
 
 Messages = list[Message]
 
@@ -82,7 +82,7 @@ def _drop_tools(messages: Messages) -> Messages:
     return [m for m in messages if m.role != TOOL_ROLE]
 
 
-def think_content(reasoning: str, answer: str) -> str:
+def _think_content(reasoning: str, answer: str) -> str:
     """The hybrid-thinking layout of an answer with its reasoning (as Qwen3-style templates write it)."""
     return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.lstrip()}"
 
@@ -97,7 +97,7 @@ def _apply_reasoning(messages: Messages, policy: str) -> tuple[Messages, str]:
         raise RecordRejected("reasoning", f"turn {position} carries reasoning; choose --reasoning drop or think")
     if policy == "drop":
         return [Message(m.role, m.content, m.train) for m in messages], "drop reasoning"
-    return [m if m.reasoning is None else Message(m.role, think_content(m.reasoning, m.content), m.train)
+    return [m if m.reasoning is None else Message(m.role, _think_content(m.reasoning, m.content), m.train)
             for m in messages], "reasoning into <think>"
 
 

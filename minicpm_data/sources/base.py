@@ -20,7 +20,8 @@ REJECT_REASONS = {
                             "MiniCPM's text models cannot train on it",
     "not text: audio part": "a message holds an audio part (input_audio, audio)",
     "not text: video part": "a message holds a video part (video, video_url)",
-    "reasoning": "an assistant turn carries reasoning (a reasoning part, reasoning_content) and --reasoning is reject",
+    "reasoning": "an assistant turn carries reasoning (a reasoning part, or a reasoning_content, reasoning or "
+                 "thinking field) and --reasoning is reject",
     "unsupported weight": "a loss_weight/weight other than 0 or 1, a train flag that is not true/false, "
                           "or a user/system turn marked as trained: only assistant turns are trained, wholly or not",
     "undesirable completion": "a prompt/completion record labelled false (TRL's unpaired preference data): "
