@@ -1,18 +1,20 @@
 """Benchmark: ``minicpm-data convert`` against a straightforward ``json.loads`` loop, same run, same file.
 
-Generates a ShareGPT JSON Lines file (default ~200 MB) into bench/out/ (git-ignored), then converts
-it in separate processes, each measured for wall time, CPU time (MB per CPU-second is what other
+Generates two ShareGPT JSON Lines files into bench/out/ (git-ignored): long records (1-4 exchanges of
+up to 600 words, ~2.5 KB each; default ~200 MB) and short ones (one exchange, ~320 bytes each, the size of
+Alpaca, OCNLI and most instruction sets, where per-record overhead dominates; default ~100 MB). Each is
+converted in separate processes, each measured for wall time, CPU time (MB per CPU-second is what other
 work on a shared machine does not change) and peak RSS of the whole process tree:
 
 - references: read lines, ``json.loads``, map roles, strip; then either ``json.dumps`` each line
   (JSONL) or collect and ``json.dump(records, indent=4)`` (the guide's JSON list);
 - convert JSONL -> JSONL and JSONL -> JSON list in one process (the full pipeline: detection,
   repairs, turn checks, rejects file, atomic write), each against the reference writing the same
-  format;
-- convert JSONL -> JSONL in one process and with one worker per CPU, on the full file and on a
-  quarter-size file, to show peak memory does not grow with the input.
+  format, for long and for short records;
+- convert JSONL -> JSONL in one process and with one worker per CPU, on the full files and on
+  quarter-size files, to show peak memory does not grow with the input.
 
-Usage: ``.venv/bin/python bench/bench_convert.py [--size-mb 200]``
+Usage: ``.venv/bin/python bench/bench_convert.py [--size-mb 200] [--short-size-mb 100]``
 """
 
 from __future__ import annotations
@@ -68,21 +70,32 @@ def _text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choices(WORDS, k=words))
 
 
-def generate(path: Path, size_mb: int, seed: int = 0) -> Path:
+def _long_turns(rng: random.Random) -> list[dict]:
+    turns = [{"from": "system", "value": "You are a helpful assistant."}] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 4)):
+        turns.append({"from": "human", "value": _text(rng, rng.randint(10, 120))})
+        turns.append({"from": "gpt", "value": _text(rng, rng.randint(40, 500))})
+    return turns
+
+
+def _short_turns(rng: random.Random) -> list[dict]:
+    """One exchange of ~320 bytes as a JSON line, like an Alpaca or OCNLI record."""
+    return [{"from": "human", "value": _text(rng, rng.randint(8, 24))},
+            {"from": "gpt", "value": _text(rng, rng.randint(10, 30))}]
+
+
+def generate(path: Path, size_mb: int, seed: int = 0, *, short: bool = False) -> Path:
     """A ShareGPT JSONL file of about ``size_mb`` MB (reused when already there at that size)."""
     target = size_mb * 1_000_000
     if path.exists() and abs(path.stat().st_size - target) < 2_000_000:
         return path
     rng = random.Random(seed)
+    turns = _short_turns if short else _long_turns
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(path, "w", encoding="utf-8") as handle:
         while written < target:
-            turns = [{"from": "system", "value": "You are a helpful assistant."}] if rng.random() < 0.3 else []
-            for _ in range(rng.randint(1, 4)):
-                turns.append({"from": "human", "value": _text(rng, rng.randint(10, 120))})
-                turns.append({"from": "gpt", "value": _text(rng, rng.randint(40, 500))})
-            line = json.dumps({"id": f"bench-{written}", "conversations": turns}, ensure_ascii=False) + "\n"
+            line = json.dumps({"id": f"bench-{written}", "conversations": turns(rng)}, ensure_ascii=False) + "\n"
             handle.write(line)
             written += len(line.encode("utf-8"))
     return path
@@ -129,30 +142,42 @@ def measure(name: str, code: str, source: Path, target: Path, *args: str) -> dic
             "mb_per_cpu_s": size_mb / cpu_seconds, "peak_rss_mb": max(peak_kb, usage.ru_maxrss) / 1024}
 
 
+def _runs(kind: str, full: Path, quarter: Path, workers: str) -> list[dict]:
+    """The reference loops and convert on one kind of records (``long`` or ``short``)."""
+    return [
+        measure(f"{kind}: reference json.loads loop -> JSONL", REFERENCE_JSONL, full, OUT / "reference.jsonl"),
+        measure(f"{kind}: convert -> JSONL, 1 process", CONVERT, full, OUT / "converted.jsonl", "1"),
+        measure(f"{kind}: convert -> JSONL, {workers} workers", CONVERT, full, OUT / "converted.jsonl", workers),
+        measure(f"{kind}: reference json.loads loop -> JSON list", REFERENCE_LIST, full, OUT / "reference.json"),
+        measure(f"{kind}: convert -> JSON list, 1 process", CONVERT, full, OUT / "converted.json", "1"),
+        measure(f"{kind}: convert -> JSONL, 1 process, 1/4 input", CONVERT, quarter, OUT / "converted_q.jsonl", "1"),
+        measure(f"{kind}: convert -> JSONL, {workers} workers, 1/4 input", CONVERT, quarter,
+                OUT / "converted_q.jsonl", workers),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--size-mb", type=int, default=200, help="Size of the long-record file.")
+    parser.add_argument("--short-size-mb", type=int, default=100, help="Size of the short-record file.")
     args = parser.parse_args()
-    big = generate(OUT / f"sharegpt_{args.size_mb}mb.jsonl", args.size_mb)
-    small = generate(OUT / f"sharegpt_{args.size_mb // 4}mb.jsonl", args.size_mb // 4, seed=1)
+    files = {kind: (generate(OUT / f"sharegpt_{kind}_{size}mb.jsonl", size, short=kind == "short"),
+                    generate(OUT / f"sharegpt_{kind}_{size // 4}mb.jsonl", size // 4, seed=1, short=kind == "short"))
+             for kind, size in (("long", args.size_mb), ("short", args.short_size_mb))}
     workers = str(os.cpu_count() or 1)
     load_before = f"{os.getloadavg()[0]:.2f}"
-    results = [
-        measure("reference: json.loads loop -> JSONL", REFERENCE_JSONL, big, OUT / "reference.jsonl"),
-        measure("convert -> JSONL, 1 process", CONVERT, big, OUT / "converted.jsonl", "1"),
-        measure(f"convert -> JSONL, {workers} workers", CONVERT, big, OUT / "converted.jsonl", workers),
-        measure("reference: json.loads loop -> JSON list", REFERENCE_LIST, big, OUT / "reference.json"),
-        measure("convert -> JSON list, 1 process", CONVERT, big, OUT / "converted.json", "1"),
-        measure("convert -> JSONL, 1 process, 1/4 input", CONVERT, small, OUT / "converted_small.jsonl", "1"),
-        measure(f"convert -> JSONL, {workers} workers, 1/4 input", CONVERT, small, OUT / "converted_small.jsonl",
-                workers),
-    ]
-    references = {"JSONL": results[0]["mb_per_s"], "JSON list": results[3]["mb_per_s"]}
-    print(f"{'run':<44} {'input MB':>9} {'s':>7} {'MB/s':>7} {'x ref':>6} {'MB/CPU-s':>9} {'peak RSS MB':>12}")
+    results = [r for kind, (full, quarter) in files.items() for r in _runs(kind, full, quarter, workers)]
+    references = {(r["run"].split(":")[0], "JSON list" in r["run"]): r for r in results if "reference" in r["run"]}
+    print(f"{'run':<52} {'input MB':>9} {'s':>7} {'MB/s':>7} {'x ref':>6} {'MB/CPU-s':>9} {'x ref':>6} "
+          f"{'peak RSS MB':>12}")
     for r in results:
-        reference = references["JSON list" if "JSON list" in r["run"] else "JSONL"]
-        print(f"{r['run']:<44} {r['input_mb']:>9.1f} {r['seconds']:>7.2f} {r['mb_per_s']:>7.1f} "
-              f"{r['mb_per_s'] / reference:>6.2f} {r['mb_per_cpu_s']:>9.1f} {r['peak_rss_mb']:>12.1f}")
+        reference = references[r["run"].split(":")[0], "JSON list" in r["run"]]
+        print(f"{r['run']:<52} {r['input_mb']:>9.1f} {r['seconds']:>7.2f} {r['mb_per_s']:>7.1f} "
+              f"{r['mb_per_s'] / reference['mb_per_s']:>6.2f} {r['mb_per_cpu_s']:>9.1f} "
+              f"{r['mb_per_cpu_s'] / reference['mb_per_cpu_s']:>6.2f} {r['peak_rss_mb']:>12.1f}")
+    for kind, (full, _) in files.items():
+        lines = sum(1 for _ in open(full, "rb"))
+        print(f"{kind} records: {full.stat().st_size / lines:,.0f} bytes each on average")
     print(f"{os.cpu_count()} CPUs; load average before: {load_before}, after: {os.getloadavg()[0]:.2f} "
           "(other work on the machine lowers MB/s, not MB/CPU-s)")
 

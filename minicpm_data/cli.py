@@ -84,16 +84,19 @@ def _nothing_written(summary) -> str:
 def convert_command(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="Raw files: .json, .jsonl, .csv, .tsv, .parquet."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .json (a list) or .jsonl; a folder with --dev-ratio."),
-    source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv, messages or auto."),
+    source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv (mapped columns or keys), messages, "
+                                                       "prompt-completion or auto."),
     fmt: str = typer.Option(None, "--format", help="json or jsonl (default: from the output's extension)."),
     rejects: Path = typer.Option(None, "--rejects", help="Rejects file (JSONL; default: OUT.rejects.jsonl beside the output)."),
     encoding: str = typer.Option(None, "--encoding", help="Input encoding (default: detected: UTF-8, BOM, GBK/GB18030)."),
-    user_col: str = typer.Option(None, "--user-col", help="csv: column holding the user turn."),
-    assistant_col: str = typer.Option(None, "--assistant-col", help="csv: column holding the assistant turn."),
-    system_col: str = typer.Option(None, "--system-col", help="csv: column holding the system prompt."),
-    template: str = typer.Option(None, "--template", help="csv: user turn from a template with {column} placeholders."),
+    user_col: str = typer.Option(None, "--user-col", help="Column (table) or key (JSON record) holding the user turn."),
+    assistant_col: str = typer.Option(None, "--assistant-col", help="Column or key holding the assistant turn."),
+    system_col: str = typer.Option(None, "--system-col", help="Column or key holding the system prompt."),
+    template: str = typer.Option(None, "--template", help="User turn from a template with {column} / {key} placeholders."),
     system: str = typer.Option(None, "--system", help="System prompt for every record that has none."),
     tool_turns: str = typer.Option("reject", "--tool-turns", help="Records with tool turns: reject (default) or drop those turns."),
+    reasoning: str = typer.Option("reject", "--reasoning", help="Assistant turns with reasoning: reject the record "
+                                  "(default), drop the reasoning, or think: write it as <think>...</think> before the answer."),
     no_repair: bool = typer.Option(False, "--no-repair", help="Reject records that need a repair instead of repairing them."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Reject exact duplicate conversations (reason: duplicate)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes for JSON Lines input (1: none)."),
@@ -111,7 +114,7 @@ def convert_command(
 
     options = ConvertOptions(source=source, encoding=encoding, user_col=user_col, assistant_col=assistant_col,
                              system_col=system_col, template=template, system=system, tool_turns=tool_turns,
-                             repair=not no_repair, dedupe=dedupe, workers=workers)
+                             reasoning=reasoning, repair=not no_repair, dedupe=dedupe, workers=workers)
 
     with err_console.status("converting...") as status:
 
@@ -194,6 +197,7 @@ def split_command(
 _TOKENIZER_HELP = "Local model folder (offline; custom auto_map code is never run) or hub id."
 _TEMPLATE_HELP = "Chat layout: chatml (MiniCPM3/4/4.1/SALA/5) or minicpm2 (<用户>/<AI>). Default: detected."
 _TRUNCATION_HELP = "right: keep the first N tokens; drop: never train on a sample longer than N."
+_TRAIN_ON_HELP = "Assistant turns trained: all, or last (only the final one); a turn's own train flag wins."
 
 
 def _no_colour() -> bool:
@@ -218,6 +222,7 @@ def stats_command(
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Per-device batch size, for padding waste."),
+    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here (.png added if missing)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
@@ -243,7 +248,7 @@ def stats_command(
             task = progress.add_task(file.name, total=len(conversations))
             all_stats.append(compute_stats(
                 str(file), conversations, loaded, model_max_length=model_max_length, template=template,
-                truncation=truncation, batch_size=batch_size,
+                truncation=truncation, batch_size=batch_size, train_on=train_on,
                 on_progress=lambda done: progress.advance(task, done)))
     if plot is not None:
         report.save_plot(all_stats, plot)
@@ -269,6 +274,7 @@ def inspect_command(
     model_max_length: int | None = typer.Option(None, "--model-max-length", "--model_max_length", min=1,
                                                 help="Also show what truncation to this length cuts."),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
+    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
 ) -> None:
     from itertools import islice
@@ -286,8 +292,8 @@ def inspect_command(
         raise InputError(f"{file} has no record {index}")
     console.print(f"layout {template}; tokenizer {tokenizer}", style="bold", markup=False, highlight=False)
     for number, conversation in chosen:
-        full = render(conversation, loaded, template=template)
-        cut = None if model_max_length is None else render(conversation, loaded, template=template,
+        full = render(conversation, loaded, template=template, train_on=train_on)
+        cut = None if model_max_length is None else render(conversation, loaded, template=template, train_on=train_on,
                                                            max_length=model_max_length, truncation=truncation)
         console.print(report.inspect_view(number, conversation, full, loaded, cut, markers=_no_colour()))
 

@@ -1,7 +1,9 @@
 """The one conversation type every source converts into, and every consumer reads.
 
 A conversation is MiniCPM's training record, ``{"messages": [{"role": ..., "content": ...}, ...]}``,
-with roles ``system`` (first only), then ``user`` and ``assistant`` alternating.
+with roles ``system`` (first only), then ``user`` and ``assistant`` alternating. An assistant message may
+carry ``"train": false`` (never trained) or ``"train": true`` (trained even under ``--train-on last``);
+without it, the renderer's ``train_on`` decides.
 """
 
 from __future__ import annotations
@@ -12,13 +14,20 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs three times as much to build, and convert builds millions
 class Message:
+    """One turn. ``train``: the per-turn training choice (assistant turns; ``None``: as ``train_on`` says).
+    ``reasoning``: a source's reasoning text, only until convert's reasoning policy has applied it."""
+
     role: str
     content: str
+    train: bool | None = None
+    reasoning: str | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def to_dict(self) -> dict[str, Any]:
+        if self.train is None:
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": self.content, "train": self.train}
 
 
 @dataclass(slots=True)
@@ -28,7 +37,7 @@ class Conversation:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Conversation":
         """Build from a target-format record (already validated): ``{"messages": [...]}``."""
-        return cls([Message(m["role"], m["content"]) for m in record["messages"]])
+        return cls([Message(m["role"], m["content"], m.get("train")) for m in record["messages"]])
 
     def to_record(self) -> dict[str, Any]:
         return {"messages": [m.to_dict() for m in self.messages]}

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import orjson
 from minicpm_data.errors import InputError
 from minicpm_data.io import (TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format, parse_line,
                               record_writer, require_file, serialize, table_columns)
-from minicpm_data.repair import TOOL_POLICIES, finished_record
+from minicpm_data.repair import REASONING_POLICIES, TOOL_POLICIES, finished_record
 from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
 
 
@@ -37,6 +37,7 @@ class ConvertOptions:
     template: str | None = None
     system: str | None = None
     tool_turns: str = "reject"
+    reasoning: str = "reject"
     repair: bool = True
     dedupe: bool = False
     workers: int = 1  # worker processes for JSON Lines input (1: convert in this process)
@@ -44,6 +45,11 @@ class ConvertOptions:
     def table_options(self) -> dict[str, str | None]:
         return {"user_col": self.user_col, "assistant_col": self.assistant_col,
                 "system_col": self.system_col, "template": self.template}
+
+    @property
+    def maps_keys(self) -> bool:
+        """Whether a column/key mapping is given (it applies to tables and JSON records alike)."""
+        return any(self.table_options().values())
 
 
 @dataclass
@@ -111,10 +117,15 @@ def _check_paths(inputs: Sequence[Path], outputs: Sequence[Path], rejects: Path)
 def _check_options(options: ConvertOptions) -> None:
     if options.source not in FORMATS:
         raise InputError(f"unknown format {options.source!r}; choose one of {', '.join(FORMATS)}")
+    if options.maps_keys and options.source not in ("auto", "csv"):
+        raise InputError(f"--user-col, --assistant-col, --system-col and --template map a table's columns or a JSON "
+                         f"record's keys; they do not apply to --from {options.source}")
     if options.workers < 1:
         raise InputError(f"--workers must be 1 or more, got {options.workers}")
     if options.tool_turns not in TOOL_POLICIES:
         raise InputError(f"unknown tool policy {options.tool_turns!r}; choose one of {', '.join(TOOL_POLICIES)}")
+    if options.reasoning not in REASONING_POLICIES:
+        raise InputError(f"unknown reasoning policy {options.reasoning!r}; choose one of {', '.join(REASONING_POLICIES)}")
 
 
 def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: ConvertOptions = ConvertOptions(),
@@ -161,7 +172,8 @@ class RecordProcessor:
         self.path = path
         self._convert = source.convert
         self._finish = functools.partial(finished_record, repair=options.repair, tool_turns=options.tool_turns,
-                                         verbatim=source.verbatim, default_system=options.system)
+                                         reasoning=options.reasoning, verbatim=source.verbatim,
+                                         default_system=options.system)
 
     def __call__(self, record: Any) -> Outcome:
         try:
@@ -216,7 +228,7 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
     records = iter_raw_records(path, encoding=options.encoding)
     head = list(itertools.islice(records, DETECT_SAMPLE))
     name = options.source
-    if name == "auto" and (options.user_col or options.template):
+    if name == "auto" and options.maps_keys:
         name = "csv"
     if name == "auto" and head:
         name = detect_format([r.data for r in head], str(path))
@@ -229,6 +241,9 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
     source = make_source(name, **options.table_options())
     if path.suffix.lower() in TABLE_SUFFIXES and (columns := table_columns(path, encoding=options.encoding)):
         source.check_columns(columns, str(path))  # also for a header without rows
+    elif head:  # JSON records: the keys the sampled records have, like a table's header
+        source.check_columns(list(dict.fromkeys(k for r in head if isinstance(r.data, Mapping) for k in r.data)),
+                             str(path), what="key")
     if not head:
         return
     process = RecordProcessor(source, options, path)

@@ -15,6 +15,11 @@ Layouts (``template``):
   the final ``</s>``. Middle assistant turns end with nothing (the next ``<用户>`` follows directly),
   as in MiniCPM-2's own chat history, so inference sees the layout training saw.
 
+Which assistant turns are trained: all of them (``train_on="all"``, the default) or only the final one
+(``"last"``); a message's own ``train`` flag (``false``: never, ``true``: always) wins over ``train_on``.
+Untrained assistant turns are context, like user turns; MiniCPM-2's final ``</s>`` is trained with the
+final turn.
+
 How labels stay exact: each layout is a list of literal text parts with the message contents between
 them. For ChatML the parts come from rendering the template once per sequence of roles with marker
 contents (checked against a real rendering); the whole text is tokenized in one batch call and the
@@ -42,6 +47,7 @@ from minicpm_data.errors import InputError, TokenizerError
 IGNORE_INDEX = -100
 TEMPLATES = ("chatml", "minicpm2")
 TRUNCATIONS = ("right", "drop")
+TRAIN_ON = ("all", "last")
 IM_END = "<|im_end|>"
 IM_START = "<|im_start|>"
 USER_MARKER, AI_MARKER = "<用户>", "<AI>"
@@ -111,34 +117,38 @@ def detect_template(tokenizer: Any) -> str:
 
 
 def render(conversation: Conversation, tokenizer: Any, *, template: str | None = None,
-           max_length: int | None = None, truncation: str = "right") -> RenderedSample:
+           max_length: int | None = None, truncation: str = "right", train_on: str = "all") -> RenderedSample:
     """Render one conversation; see :func:`render_many`."""
     return render_many([conversation], tokenizer, template=template, max_length=max_length,
-                       truncation=truncation)[0]
+                       truncation=truncation, train_on=train_on)[0]
 
 
 def render_many(conversations: Iterable[Conversation], tokenizer: Any, *, template: str | None = None,
-                max_length: int | None = None, truncation: str = "right",
+                max_length: int | None = None, truncation: str = "right", train_on: str = "all",
                 on_progress: Callable[[int], None] | None = None) -> list[RenderedSample]:
     """Render conversations in batches (one tokenizer call per batch, on every core); see :func:`render_stream`."""
     with gc_paused():
         return list(render_stream(conversations, tokenizer, template=template, max_length=max_length,
-                                  truncation=truncation, on_progress=on_progress))
+                                  truncation=truncation, train_on=train_on, on_progress=on_progress))
 
 
 def render_stream(conversations: Iterable[Conversation], tokenizer: Any, *, template: str | None = None,
-                  max_length: int | None = None, truncation: str = "right",
+                  max_length: int | None = None, truncation: str = "right", train_on: str = "all",
                   on_progress: Callable[[int], None] | None = None) -> Iterator[RenderedSample]:
     """Yield one :class:`RenderedSample` per conversation, in order, rendering lazily in batches.
 
     ``truncation="right"`` keeps the first ``max_length`` tokens; ``"drop"`` keeps no trained token of
     a sample longer than ``max_length``. Either way ``trained_tokens_lost`` counts what was cut and
     ``trainable`` is False when nothing trained is left. ``on_progress(n)`` is called after each batch.
+    ``train_on="all"`` trains every assistant turn, ``"last"`` only the final one (LLaMA-Factory's
+    ``mask_history``); a message's own ``train`` flag wins over either.
     While one batch is tokenized (the tokenizer releases the GIL and uses every core), the next is
     rendered to text and the previous one turned into samples, so rendering stays off the critical path.
     """
     if truncation not in TRUNCATIONS:
         raise InputError(f"unknown truncation {truncation!r}: use one of {', '.join(TRUNCATIONS)}")
+    if train_on not in TRAIN_ON:
+        raise InputError(f"unknown train-on {train_on!r}: use one of {', '.join(TRAIN_ON)}")
     layout = _layout(tokenizer, template)
     finish = partial(_finish_batch, layout=layout, max_length=max_length, drop=truncation == "drop",
                      on_progress=on_progress)
@@ -146,7 +156,7 @@ def render_stream(conversations: Iterable[Conversation], tokenizer: Any, *, temp
         pending = None
         for batch in _batched(conversations, BATCH_SIZE):
             with gc_paused():
-                texts, plans = _prepare_batch(batch, layout)
+                texts, plans = _prepare_batch(batch, layout, train_on)
             tokenized = tokenizer_thread.submit(_tokenize, layout, texts, plans)
             if pending is not None:
                 yield from finish(*pending)
@@ -321,8 +331,19 @@ def _batched(items: Iterable[Conversation], size: int) -> Iterator[list[Conversa
         yield batch
 
 
-def _prepare_batch(conversations: list[Conversation], layout: _Layout) -> tuple[list[str], list[tuple]]:
-    """The text of each conversation, and where its trained spans and its messages end (characters)."""
+def _trained_messages(messages: Sequence[Any], assistants: list[int], train_on: str) -> list[int]:
+    """Which assistant messages are trained: a message's ``train`` flag, else ``train_on``."""
+    if train_on == "all" and all(messages[i].train is None for i in assistants):
+        return assistants
+    last = assistants[-1] if assistants else None
+    return [i for i in assistants
+            if messages[i].train or (messages[i].train is None and (train_on == "all" or i == last))]
+
+
+def _prepare_batch(conversations: list[Conversation], layout: _Layout,
+                   train_on: str) -> tuple[list[str], list[tuple]]:
+    """The text of each conversation, where its trained spans and its messages end (characters), and
+    whether a final eos follows (``None``: no; else whether it is trained)."""
     texts, plans = [], []
     shapes, shape_of = layout.shapes, layout.shape
     for conversation in conversations:
@@ -334,7 +355,9 @@ def _prepare_batch(conversations: list[Conversation], layout: _Layout) -> tuple[
         # Message i's content starts at starts[i] plus the lengths of the contents before it.
         before = [0, *accumulate(map(len, contents))]
         ends = [base + length for base, length in zip(shape.ends, before[1:])]
-        plans.append(([(shape.starts[i] + before[i], ends[i]) for i in shape.trained], ends, shape.final_eos))
+        trained = _trained_messages(messages, shape.trained, train_on)
+        final_eos = (bool(trained) and trained[-1] == len(messages) - 1) if shape.final_eos else None
+        plans.append(([(shape.starts[i] + before[i], ends[i]) for i in trained], ends, final_eos))
     return texts, plans
 
 
@@ -342,7 +365,8 @@ def _finish_batch(tokenized: Future, plans: list[tuple], *, layout: _Layout, max
                   on_progress: Callable[[int], None] | None) -> list[RenderedSample]:
     eos = layout.tokenizer.eos_token_id if layout.final_eos else None
     with gc_paused():
-        samples = [_sample(*tokens, eos if final_eos else None, layout.bos_id, max_length, drop)
+        samples = [_sample(*tokens, None if final_eos is None else eos, bool(final_eos), layout.bos_id,
+                           max_length, drop)
                    for tokens, (_, _, final_eos) in zip(tokenized.result(), plans)]
     if on_progress is not None:
         on_progress(len(samples))
@@ -366,8 +390,9 @@ def _tokenize(layout: _Layout, texts: list[str], plans: list[tuple]) -> list[tup
 
 
 def _sample(ids: list[int], trained_ranges: list[tuple[int, int]], turn_ends: list[int], eos: int | None,
-            bos: int | None, max_length: int | None, drop: bool) -> RenderedSample:
-    """Labels, the final eos (``eos`` given), one ``<s>`` at most, and the truncation policy."""
+            eos_trained: bool, bos: int | None, max_length: int | None, drop: bool) -> RenderedSample:
+    """Labels, the final eos (``eos`` given; trained with the final turn), one ``<s>`` at most, and the
+    truncation policy."""
     if _drop_double_bos(ids, bos):
         trained_ranges = [(first - 1, last - 1) for first, last in trained_ranges]
         turn_ends = [end - 1 for end in turn_ends]
@@ -378,8 +403,8 @@ def _sample(ids: list[int], trained_ranges: list[tuple[int, int]], turn_ends: li
         trained += last - first
     if eos is not None:
         ids.append(eos)
-        labels.append(eos)
-        trained += 1
+        labels.append(eos if eos_trained else IGNORE_INDEX)
+        trained += eos_trained
     if turn_ends:  # the last message's turn runs to the end of the sample
         turn_ends[-1] = len(ids)
     sample = RenderedSample(ids, labels, len(ids), trained, 0, turn_ends)

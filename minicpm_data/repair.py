@@ -10,7 +10,11 @@ Applied in this order; with ``repair=False`` a record that needs any of them is 
 - ``drop trailing user turn``: a conversation must end with the answer.
 
 Tool turns are handled first by the tool policy: ``reject`` (default; reason ``tool turn``) or
-``drop`` (counted as the repair ``drop tool turns``).
+``drop`` (counted as the repair ``drop tool turns``). Then reasoning (reasoning parts, ``reasoning_content``)
+by the reasoning policy: ``reject`` (default; reason ``reasoning``), ``drop`` (repair ``drop reasoning``) or
+``think`` (repair ``reasoning into <think>``): the assistant content becomes
+``<think>\n{reasoning}\n</think>\n\n{answer}``, the layout hybrid-thinking chat templates write. A turn's
+``train`` flag survives every repair (merged turns: false if either was false).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from minicpm_data.sources.base import TOOL_ROLE, RecordRejected
 from minicpm_data.validate import turn_problems
 
 TOOL_POLICIES = ("reject", "drop")
-REPAIRS = ("drop tool turns", "strip whitespace", "drop empty turns", "merge same-role turns",
-           "drop leading assistant turn", "drop trailing user turn")
+REASONING_POLICIES = ("reject", "drop", "think")
+REPAIRS = ("drop tool turns", "drop reasoning", "reasoning into <think>", "strip whitespace", "drop empty turns",
+           "merge same-role turns", "drop leading assistant turn", "drop trailing user turn")
 
 Messages = list[Message]
 
@@ -33,7 +38,7 @@ Messages = list[Message]
 
 
 def _strip(messages: Messages) -> Messages | None:
-    stripped = [m if (text := m.content.strip()) == m.content else Message(m.role, text) for m in messages]
+    stripped = [m if (text := m.content.strip()) == m.content else Message(m.role, text, m.train) for m in messages]
     return stripped if any(new is not old for new, old in zip(stripped, messages)) else None
 
 
@@ -48,10 +53,18 @@ def _merge_same_role(messages: Messages) -> Messages | None:
     merged: Messages = []
     for message in messages:
         if merged and merged[-1].role == message.role:
-            merged[-1] = Message(message.role, f"{merged[-1].content}\n{message.content}")
+            merged[-1] = Message(message.role, f"{merged[-1].content}\n{message.content}",
+                                 _merged_train(merged[-1].train, message.train))
         else:
             merged.append(message)
     return merged
+
+
+def _merged_train(first: bool | None, second: bool | None) -> bool | None:
+    """What is marked never-trained stays so; else trained when either was marked trained."""
+    if first is False or second is False:
+        return False
+    return True if first or second else None
 
 
 def _drop_leading_assistant(messages: Messages) -> Messages | None:
@@ -67,6 +80,25 @@ def _drop_trailing_user(messages: Messages) -> Messages | None:
 
 def _drop_tools(messages: Messages) -> Messages:
     return [m for m in messages if m.role != TOOL_ROLE]
+
+
+def _think_content(reasoning: str, answer: str) -> str:
+    """The hybrid-thinking layout of an answer with its reasoning (as Qwen3-style templates write it)."""
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.lstrip()}"
+
+
+def _apply_reasoning(messages: Messages, policy: str) -> tuple[Messages, str]:
+    """The reasoning policy over turns some of which carry reasoning; the turns and the repair applied."""
+    for position, message in enumerate(messages):
+        if message.reasoning is not None and message.role != "assistant":
+            raise RecordRejected("malformed field", f"turn {position} is a {message.role} turn with reasoning")
+    if policy == "reject":
+        position = next(i for i, m in enumerate(messages) if m.reasoning is not None)
+        raise RecordRejected("reasoning", f"turn {position} carries reasoning; choose --reasoning drop or think")
+    if policy == "drop":
+        return [Message(m.role, m.content, m.train) for m in messages], "drop reasoning"
+    return [m if m.reasoning is None else Message(m.role, _think_content(m.reasoning, m.content), m.train)
+            for m in messages], "reasoning into <think>"
 
 
 _STEPS: tuple[tuple[str, Callable[[Messages], Messages | None]], ...] = (
@@ -88,6 +120,8 @@ def _fast_record(messages: Messages, *, repair: bool, verbatim: bool,
     turns = [{"role": "system", "content": default_system}] if default_system and not start else []
     expected, stripped = "user", False
     for position, message in enumerate(messages):
+        if message.reasoning is not None:
+            return None
         content = message.content
         text = content.strip()
         if not text:
@@ -98,20 +132,27 @@ def _fast_record(messages: Messages, *, repair: bool, verbatim: bool,
             expected = "assistant" if expected == "user" else "user"
         if text != content and not verbatim:
             content, stripped = text, True
-        turns.append({"role": message.role, "content": content})
+        if message.train is None:
+            turns.append({"role": message.role, "content": content})
+        else:
+            turns.append({"role": message.role, "content": content, "train": message.train})
     if expected != "user" or len(messages) == start or (stripped and not repair):
         return None
     return {"messages": turns}, ["strip whitespace"] if stripped else []
 
 
-def _repaired(messages: Messages, *, repair: bool, tool_turns: str, verbatim: bool) -> tuple[Messages, list[str]]:
-    """The tool policy and every repair step, in order; the repaired turns and the repairs applied."""
+def _repaired(messages: Messages, *, repair: bool, tool_turns: str, reasoning: str,
+              verbatim: bool) -> tuple[Messages, list[str]]:
+    """The tool and reasoning policies and every repair step, in order; the repaired turns and the repairs applied."""
     applied: list[str] = []
     if any(m.role == TOOL_ROLE for m in messages):
         if tool_turns == "reject":
             raise RecordRejected("tool turn", "has tool turns (function_call / observation / tool)")
         messages = _drop_tools(messages)
         applied.append("drop tool turns")
+    if any(m.reasoning is not None for m in messages):
+        messages, kind = _apply_reasoning(messages, reasoning)
+        applied.append(kind)
     for kind, step in _STEPS:
         if verbatim and kind == "strip whitespace":
             continue
@@ -125,13 +166,15 @@ def _repaired(messages: Messages, *, repair: bool, tool_turns: str, verbatim: bo
 
 
 def finished_record(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
-                    verbatim: bool = False, default_system: str | None = None) -> tuple[dict[str, Any], list[str]]:
+                    reasoning: str = "reject", verbatim: bool = False,
+                    default_system: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """:func:`finish`, returning the conversation as its target-format record (what convert writes)."""
     # Fast path: most records need at most stripping; one pass checks that and builds the record.
     fast = _fast_record(conversation.messages, repair=repair, verbatim=verbatim, default_system=default_system)
     if fast is not None:
         return fast
-    messages, applied = _repaired(conversation.messages, repair=repair, tool_turns=tool_turns, verbatim=verbatim)
+    messages, applied = _repaired(conversation.messages, repair=repair, tool_turns=tool_turns, reasoning=reasoning,
+                                  verbatim=verbatim)
     if default_system and not (messages and messages[0].role == "system"):
         messages = [Message("system", default_system), *messages]
     problems = turn_problems([m.role for m in messages])
@@ -142,11 +185,11 @@ def finished_record(conversation: Conversation, *, repair: bool = True, tool_tur
 
 
 def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
-           verbatim: bool = False, default_system: str | None = None) -> tuple[Conversation, list[str]]:
-    """Apply the tool policy and repairs, add ``default_system`` where there is none, check turn order.
-
-    Returns the finished conversation and the repairs applied; raises :class:`RecordRejected`.
+           reasoning: str = "reject", verbatim: bool = False,
+           default_system: str | None = None) -> tuple[Conversation, list[str]]:
+    """Apply the tool and reasoning policies and repairs, add ``default_system`` where there is none, check
+    turn order. Returns the finished conversation and the repairs applied; raises :class:`RecordRejected`.
     """
-    record, applied = finished_record(conversation, repair=repair, tool_turns=tool_turns, verbatim=verbatim,
-                                      default_system=default_system)
+    record, applied = finished_record(conversation, repair=repair, tool_turns=tool_turns, reasoning=reasoning,
+                                      verbatim=verbatim, default_system=default_system)
     return Conversation.from_record(record), applied

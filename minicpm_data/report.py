@@ -32,7 +32,7 @@ def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: s
     """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
     first = all_stats[0]
     table = Table(title=Text(f"tokenizer {tokenizer_name} · layout {template} · model_max_length "
-                             f"{first.model_max_length} · truncation {first.truncation}"),
+                             f"{first.model_max_length} · truncation {first.truncation} · train on {first.train_on}"),
                   title_justify="left", header_style="bold")
     table.add_column("")
     for stats in all_stats:
@@ -57,7 +57,7 @@ def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: s
     row(f"longer than {first.model_max_length}", lambda s: _count(s.over_max_length, s.records))
     row("  lose some trained tokens", lambda s: _count(s.labels_partly_truncated, s.records))
     row("  lose all trained tokens (never trained)", lambda s: _count(s.labels_fully_truncated, s.records))
-    row("no trained token at all (no answer)", lambda s: _count(s.no_trained_tokens, s.records))
+    row("no trained token at all (no answer, or train: false)", lambda s: _count(s.no_trained_tokens, s.records))
     row("trained tokens cut away", lambda s: f"{s.trained_tokens_lost:,}")
     table.add_section()
     row("samples trained per epoch", lambda s: _count(s.trainable_samples, s.records))

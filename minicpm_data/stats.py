@@ -54,6 +54,7 @@ class FileStats:
     model_max_length: int
     truncation: str
     batch_size: int
+    train_on: str = "all"
     roles: Counter = field(default_factory=Counter)
     turns: Distribution = Distribution()
     tokens: Distribution = Distribution()
@@ -62,7 +63,7 @@ class FileStats:
     over_max_length: int = 0
     labels_partly_truncated: int = 0        # lose some trained tokens, still trained on
     labels_fully_truncated: int = 0         # lose every trained token: never trained on
-    no_trained_tokens: int = 0              # no assistant content even before truncation (e.g. no answer)
+    no_trained_tokens: int = 0              # nothing trained even before truncation (no answer, or all train: false)
     trainable_samples: int = 0
     trained_tokens_lost: int = 0
     total_tokens: int = 0                   # per epoch, after truncation, trainable samples only
@@ -76,7 +77,7 @@ class FileStats:
         """JSON-ready summary (``lengths`` left out)."""
         return {
             "file": self.file, "records": self.records, "model_max_length": self.model_max_length,
-            "truncation": self.truncation, "roles": dict(self.roles), "turns": self.turns.to_dict(),
+            "truncation": self.truncation, "train_on": self.train_on, "roles": dict(self.roles), "turns": self.turns.to_dict(),
             "tokens": self.tokens.to_dict(), "trained_tokens_per_sample": self.trained.to_dict(),
             "template_overhead": self.template_overhead, "over_max_length": self.over_max_length,
             "labels_partly_truncated": self.labels_partly_truncated,
@@ -100,8 +101,9 @@ def read_all(path: str | Path) -> list[Conversation]:
 
 def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: Any, *, model_max_length: int,
                   template: str | None = None, truncation: str = "right", batch_size: int = 8,
-                  on_progress: Callable[[int], None] | None = None) -> FileStats:
-    """Render every conversation once (batched) and reduce the samples to :class:`FileStats`."""
+                  train_on: str = "all", on_progress: Callable[[int], None] | None = None) -> FileStats:
+    """Render every conversation once (batched) and reduce the samples to :class:`FileStats`; trained
+    tokens count the assistant turns that ``train_on`` and the turns' own ``train`` flags select."""
     import numpy as np
 
     from minicpm_data.render import gc_paused, render_stream
@@ -110,7 +112,7 @@ def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: A
     full, trained, lost = [], [], []
     with gc_paused():
         for sample in render_stream(conversations, tokenizer, template=template, max_length=model_max_length,
-                                    truncation=truncation, on_progress=on_progress):
+                                    truncation=truncation, train_on=train_on, on_progress=on_progress):
             full.append(sample.num_tokens)
             trained.append(sample.trained_tokens)
             lost.append(sample.trained_tokens_lost)
@@ -127,7 +129,7 @@ def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: A
     kept = np.minimum(full, model_max_length)  # both policies cut input_ids to model_max_length
     return FileStats(
         file=file, records=count, model_max_length=model_max_length, truncation=truncation,
-        batch_size=batch_size, roles=roles, turns=Distribution.of(np.array(turn_counts, dtype=np.int64)),
+        batch_size=batch_size, train_on=train_on, roles=roles, turns=Distribution.of(np.array(turn_counts, dtype=np.int64)),
         tokens=Distribution.of(full), trained=Distribution.of(trained),
         template_overhead=overhead / count if count else 0.0,
         over_max_length=int((full > model_max_length).sum()),

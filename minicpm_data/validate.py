@@ -2,7 +2,7 @@
 
 Rules: roles are system, user, assistant; a system turn only first; then user and assistant
 alternate, starting with user and ending with assistant; every content is a non-empty string
-after stripping; a file holds at least one record. Each problem names the file, record index,
+after stripping; only assistant turns may carry ``train`` (true or false); a file holds at least one record. Each problem names the file, record index,
 line (JSON Lines), a JSON pointer and a plain message.
 """
 
@@ -81,6 +81,7 @@ def turn_problems(roles: Sequence[str]) -> list[tuple[int | None, str]]:
 
 
 _MESSAGE_KEYS = {"role", "content"}
+_TRAINED_MESSAGE_KEYS = {"role", "content", "train"}
 
 
 def _fits_schema(record: Any) -> bool:
@@ -88,8 +89,10 @@ def _fits_schema(record: Any) -> bool:
     (jsonschema runs only when this says no, to explain why; a test keeps the two in step)."""
     messages = record.get("messages") if type(record) is dict else None
     return type(messages) is list and len(messages) >= 2 and all(
-        type(m) is dict and m.keys() == _MESSAGE_KEYS and m["role"] in ROLES
-        and type(m["content"]) is str and not m["content"].isspace() and m["content"] != ""
+        type(m) is dict and m.get("role") in ROLES and type(m.get("content")) is str
+        and not m["content"].isspace() and m["content"] != ""
+        and (m.keys() == _MESSAGE_KEYS
+             or (m.keys() == _TRAINED_MESSAGE_KEYS and m["role"] == "assistant" and type(m["train"]) is bool))
         for m in messages)
 
 
@@ -110,6 +113,7 @@ def record_problems(record: Any) -> list[tuple[str, str]]:
 _PLAIN_SCHEMA_MESSAGES = {
     "pattern": "content is empty or only whitespace",
     "minItems": "a conversation needs at least a user turn and an assistant turn",
+    "not": "train is only for assistant turns (user and system turns are never trained)",
 }
 
 

@@ -62,6 +62,8 @@ class RunOptions:
     )
     template: str | None = field(default=None, metadata={"help": "Chat layout: chatml or minicpm2 (default: detected)."})
     truncation: str = field(default="right", metadata={"help": "Truncation policy of the renderer."})
+    train_on: str = field(default="all", metadata={
+        "help": "Assistant turns trained: all, or last (only the final one); a turn's own train flag wins."})
     packing: bool = field(default=False, metadata={"help": "Pack several samples per row; they never attend to each other."})
     loss_impl: str = field(default="auto", metadata={"help": "How the loss is computed: auto, chunked, fused or full (full materialises [batch, length, vocab] logits)."})
     precision: str | None = field(

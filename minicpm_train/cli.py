@@ -463,6 +463,7 @@ def eval_command(
             progress.update(tasks[stage], completed=done)
 
         result = evaluate(loaded.model, loaded.tokenizer, records, template=template, max_length=max_length,
+                          train_on=trained.get("train_on", "all"),
                           batch_size=batch_size, labels=label_set, generate=generate, max_new_tokens=max_new_tokens,
                           progress=report)
     folder = loaded.adapter or loaded.base

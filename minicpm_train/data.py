@@ -97,9 +97,9 @@ def _renderer_fingerprint() -> str:
     return hashlib.sha256(inspect.getsource(render).encode()).hexdigest()
 
 
-def cache_key(path: Path, tokenizer, *, template: str, max_length: int, truncation: str) -> str:
+def cache_key(path: Path, tokenizer, *, template: str, max_length: int, truncation: str, train_on: str = "all") -> str:
     parts = [str(CACHE_VERSION), _sha256_file(path), tokenizer_fingerprint(tokenizer), template,
-             str(max_length), truncation, _renderer_fingerprint()]
+             str(max_length), truncation, train_on, _renderer_fingerprint()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -134,7 +134,8 @@ def _load_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
 
 
 def load_supervised(path: str | Path, tokenizer, *, template: str | None = None, max_length: int,
-                    truncation: str = "right", cache_dir: str | Path | None = None) -> tuple[SupervisedDataset, DataSummary]:
+                    truncation: str = "right", train_on: str = "all",
+                    cache_dir: str | Path | None = None) -> tuple[SupervisedDataset, DataSummary]:
     """Validate, render (or read the cache) and filter one data file."""
     from minicpm_data.render import detect_template, render_many
 
@@ -143,7 +144,8 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
         raise DataError(f"data file not found: {path}")
     template = template or detect_template(tokenizer)
     target = Path(cache_dir or default_cache_dir()) / (
-        cache_key(path, tokenizer, template=template, max_length=max_length, truncation=truncation) + ".npz")
+        cache_key(path, tokenizer, template=template, max_length=max_length, truncation=truncation,
+                  train_on=train_on) + ".npz")
     if target.is_file():
         return _load_cache(target)
 
@@ -153,7 +155,8 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
     require_valid(path)
 
     conversations = [conversation for _, conversation in read_conversations(path)]
-    samples = render_many(conversations, tokenizer, template=template, max_length=max_length, truncation=truncation)
+    samples = render_many(conversations, tokenizer, template=template, max_length=max_length, truncation=truncation,
+                          train_on=train_on)
     kept = [s for s in samples if s.trainable]
     dataset = SupervisedDataset([list(s.input_ids) for s in kept], [list(s.labels) for s in kept])
     summary = DataSummary(

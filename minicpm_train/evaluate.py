@@ -152,12 +152,13 @@ def _greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
 
 def evaluate(model, tokenizer, records: Iterable[tuple[int, Conversation]], *, template: str | None = None,
              max_length: int | None = None, batch_size: int = 8, labels: str | list[str] = "auto",
-             generate: bool | None = None, max_new_tokens: int = 256,
+             generate: bool | None = None, max_new_tokens: int = 256, train_on: str = "all",
              progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
     """Loss / perplexity on trained tokens; greedy exact-match accuracy when answers form a label set.
 
     ``labels``: "auto" (detect), "none", or the label list. ``generate``: None generates exactly when
-    there is a label set; True also for free-form answers (predictions only, no accuracy).
+    there is a label set; True also for free-form answers (predictions only, no accuracy). ``train_on``:
+    which assistant turns the loss covers (as the run trained: all, or last).
     """
     from minicpm_data.render import render, render_prompt
 
@@ -171,7 +172,7 @@ def evaluate(model, tokenizer, records: Iterable[tuple[int, Conversation]], *, t
     device = next(model.parameters()).device
     report = progress or (lambda stage, done, total: None)
 
-    rendered = [render(conversation, tokenizer, template=template, max_length=max_length)
+    rendered = [render(conversation, tokenizer, template=template, max_length=max_length, train_on=train_on)
                 for _, conversation in records]
     scored = [i for i, r in enumerate(rendered) if r.trainable]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

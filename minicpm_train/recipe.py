@@ -130,6 +130,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     def load(path: str) -> tuple:
         dataset, summary = load_supervised(path, tokenizer, template=options.template,
                                            max_length=options.model_max_length, truncation=options.truncation,
+                                           train_on=options.train_on,
                                            cache_dir=options.data_cache_dir)
         report(f"data {path}: {summary.used} samples used, {summary.dropped_no_trained_tokens} dropped "
                f"(no trained token left), {summary.truncated} truncated, {summary.tokens} tokens "

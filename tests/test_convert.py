@@ -19,6 +19,11 @@ RUNS = [
     ("ocnli.json", ConvertOptions()),
     ("messages.jsonl", ConvertOptions(dedupe=True)),
     ("sharegpt.json", ConvertOptions(repair=False)),
+    ("llamafactory_v1.jsonl", ConvertOptions()),
+    ("openai_parts.jsonl", ConvertOptions()),
+    ("prompt_completion.jsonl", ConvertOptions()),
+    ("llamafactory_v1.jsonl", ConvertOptions(reasoning="think", tool_turns="drop")),
+    ("qa.json", ConvertOptions(user_col="question", assistant_col="answer")),
 ]
 
 
@@ -231,3 +236,53 @@ def test_late_gbk_jsonl_converts_alike_in_workers(tmp_path, workers):
     summary = convert_files([source], tmp_path / "out.jsonl", options=ConvertOptions(workers=workers))
     last = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()[-1]
     assert summary.written == 3001 and json.loads(last)["messages"][0]["content"] == "你好"
+
+
+def test_json_key_mapping_checks_the_keys_and_needs_no_from(fixtures_dir, tmp_path):
+    qa = fixtures_dir / "raw" / "qa.json"
+    summary = convert_files([qa], tmp_path / "out.jsonl", options=ConvertOptions(user_col="question",
+                                                                                 assistant_col="answer"))
+    assert (summary.files[0].format, summary.read, summary.written) == ("csv", 5, 3)
+    assert summary.rejects == {"missing field": 1, "empty conversation": 1}
+    with pytest.raises(FormatError, match=r"qa.json: missing key 'questio' \(keys: question, answer, topic\)"):
+        convert_files([qa], tmp_path / "bad.jsonl", options=ConvertOptions(user_col="questio", assistant_col="answer"))
+    with pytest.raises(InputError, match="do not apply to --from sharegpt"):
+        convert_files([qa], tmp_path / "bad.jsonl", options=ConvertOptions(source="sharegpt", user_col="question",
+                                                                           assistant_col="answer"))
+
+
+def test_reasoning_policies_count_and_keep_every_record(fixtures_dir, tmp_path):
+    source = fixtures_dir / "raw" / "openai_parts.jsonl"
+    counts = {}
+    for policy in ("reject", "drop", "think"):
+        summary = convert_files([source], tmp_path / f"{policy}.jsonl", options=ConvertOptions(reasoning=policy))
+        assert summary.read == summary.written + summary.rejected == 7
+        counts[policy] = (summary.rejects.get("reasoning", 0), summary.repairs.get("drop reasoning", 0),
+                          summary.repairs.get("reasoning into <think>", 0))
+    assert counts == {"reject": (1, 0, 0), "drop": (0, 1, 0), "think": (0, 0, 1)}
+    with pytest.raises(InputError, match="unknown reasoning policy 'keep'"):
+        convert_files([source], tmp_path / "x.jsonl", options=ConvertOptions(reasoning="keep"))
+
+
+def test_parquet_prompt_completion_and_weighted_messages(tmp_path):
+    """Hub datasets come as Parquet: part structs and turns carry every key, null where unused."""
+    import polars as pl
+
+    conversational = tmp_path / "trl.parquet"
+    pl.DataFrame({"prompt": [[{"role": "user", "content": "What color is the sky?"}]],
+                  "completion": [[{"role": "assistant", "content": "It is blue."}]]}).write_parquet(conversational)
+    weighted = tmp_path / "weighted.parquet"
+    turns = [{"role": "user", "content": [{"type": "text", "text": "Hi", "value": None}], "train": None, "weight": None},
+             {"role": "assistant", "content": [{"type": "text", "text": None, "value": "Hello"}], "train": None,
+              "weight": 0},
+             {"role": "user", "content": [{"type": "text", "text": "Bye", "value": None}], "train": None, "weight": None},
+             {"role": "assistant", "content": [{"type": "text", "text": "Bye!", "value": None}], "train": None,
+              "weight": 1}]
+    pl.DataFrame({"messages": [turns]}).write_parquet(weighted)
+    summary = convert_files([conversational, weighted], tmp_path / "out.jsonl")
+    assert [f.format for f in summary.files] == ["prompt-completion", "messages"]
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()] == [
+        {"messages": [{"role": "user", "content": "What color is the sky?"},
+                      {"role": "assistant", "content": "It is blue."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "train": False},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]}]

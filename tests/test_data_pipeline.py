@@ -106,3 +106,19 @@ def test_length_grouping_keeps_padding_low(tokenizer, tmp_path):
     grouped = list(LengthGroupedSampler(8, lengths=dataset.lengths, generator=generator))
     shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     assert padding(grouped) < padding(shuffled) / 2
+
+
+def test_train_on_last_and_train_flags_reach_the_training_labels(tokenizer, tmp_path):
+    from minicpm_data.conversation import Conversation
+    from minicpm_data.render import render
+
+    records = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+               {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no", "train": False}]}]
+    path = tmp_path / "flags.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    for train_on in ("all", "last"):
+        dataset, summary = load_supervised(path, tokenizer, max_length=MAX_LENGTH, train_on=train_on, cache_dir=tmp_path)
+        expected = render(Conversation.from_record(records[0]), tokenizer, max_length=MAX_LENGTH, train_on=train_on)
+        assert dataset.labels == [expected.labels]  # the train: false record has nothing to train: dropped
+        assert (summary.used, summary.dropped_no_trained_tokens, summary.from_cache) == (1, 1, False)

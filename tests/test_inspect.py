@@ -95,3 +95,16 @@ def test_turn_table_keeps_its_headers_in_a_narrow_pipe(fixtures_dir, lengths_fil
     assert all(len(line) <= 50 for line in lines)
     rows = [line for line in lines if "assistant" in line or "user" in line]
     assert len(rows) == len(conversation.messages) and any("…" in row for row in rows)
+
+
+def test_cli_train_on_last_marks_only_the_final_answer(capsys, tmp_path, fixtures_dir):
+    path = tmp_path / "two.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "early"}, '
+                    '{"role": "user", "content": "q2"}, {"role": "assistant", "content": "late"}]}\n', encoding="utf-8")
+    chatml = fixtures_dir / "tokenizers" / "chatml"
+    code, out, err = run_cli(capsys, "inspect", path, "--tokenizer", chatml)
+    assert code == 0, err
+    assert "⟦early<|im_end|>⟧" in out and "⟦late<|im_end|>⟧" in out
+    code, out, err = run_cli(capsys, "inspect", path, "--tokenizer", chatml, "--train-on", "last")
+    assert code == 0, err
+    assert "⟦early" not in out and "early<|im_end|>" in out and "⟦late<|im_end|>⟧" in out

@@ -84,3 +84,17 @@ def test_minicpms_own_messages_files_convert_to_themselves(shared_dir, tmp_path,
         summary = convert_files([source], tmp_path / "out.json", options=options)
         assert (summary.written, summary.rejected, dict(summary.repairs)) == (len(expected), 0, {})
         assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) == expected
+
+
+def test_json_key_mapping_on_a_real_file_matches_the_alpaca_source(shared_dir, tmp_path):
+    """LLaMA-Factory's Alpaca demo mapped by key: records without an input convert as the alpaca source does."""
+    source = shared_dir / "realdata" / "llamafactory" / "alpaca_zh_demo.json"
+    mapped = convert_files([source], tmp_path / "mapped.json",
+                           options=ConvertOptions(user_col="instruction", assistant_col="output"))
+    alpaca = convert_files([source], tmp_path / "alpaca.json", options=ConvertOptions(source="alpaca"))
+    records = json.loads(source.read_text(encoding="utf-8"))
+    assert (mapped.written, alpaca.written, mapped.files[0].format) == (len(records), len(records), "csv")
+    pairs = zip(records, json.loads((tmp_path / "mapped.json").read_text(encoding="utf-8")),
+                json.loads((tmp_path / "alpaca.json").read_text(encoding="utf-8")))
+    without_input = [(m, a) for record, m, a in pairs if not record["input"].strip()]
+    assert len(without_input) > 100 and all(m == a for m, a in without_input)

@@ -52,18 +52,19 @@ CHATML_HEADER = "<|im_start|>{role}\n"
 MINICPM2_HEADER = {"system": "", "user": "<用户>", "assistant": "<AI>"}
 
 
-def _expected_labels(tokenizer, conversation, closing, template=None):
+def _expected_labels(tokenizer, conversation, closing, template=None, trained=None):
     """Independent oracle for labels: tokens whose offsets overlap an answer (+ closing) span.
 
     Each content is found in the template's text right after its role header, after the previous one.
+    ``trained``: the indices of the trained messages (default: every assistant message).
     """
     text, _ = _template_ids(tokenizer, conversation, template=template)
     spans, cursor = [], 0
-    for message in conversation.messages:
+    for index, message in enumerate(conversation.messages):
         header = CHATML_HEADER.format(role=message.role) if closing else MINICPM2_HEADER[message.role]
         start = text.index(header + message.content, cursor) + len(header)
         end = start + len(message.content)
-        if message.role == "assistant":
+        if message.role == "assistant" and (trained is None or index in trained):
             spans.append((start, end + len(closing)))
         cursor = end
     encoding = tokenizer(text, return_offsets_mapping=True)
@@ -156,6 +157,42 @@ def test_minicpm2_layout(fixture_tokenizers):
 
 
 PROMPT = conv(("system", "s"), ("user", "你好 😀"))
+
+FLAGGED = Conversation([Message("system", "s"), Message("user", "q1"), Message("assistant", "a1"),
+                        Message("user", "q2"), Message("assistant", "a2 skipped", False), Message("user", "q3"),
+                        Message("assistant", "a3 kept", True), Message("user", "q4"), Message("assistant", "final")])
+# (train_on, trained message indices): a message's own flag wins over train_on.
+TRAIN_ON_CASES = [("all", {2, 6, 8}), ("last", {6, 8})]
+
+
+@pytest.mark.parametrize("train_on, trained", TRAIN_ON_CASES)
+def test_train_flags_and_train_on_choose_the_trained_turns(real_tokenizers, fixture_tokenizers, train_on, trained):
+    for tokenizer in (real_tokenizers["minicpm4"], fixture_tokenizers["chatml"]):
+        sample = render(FLAGGED, tokenizer, train_on=train_on)
+        assert sample.input_ids == _template_ids(tokenizer, FLAGGED)[1]  # the text never changes, only labels
+        assert sample.labels == _expected_labels(tokenizer, FLAGGED, "<|im_end|>", trained=trained)
+        assert sample.trained_tokens == len(sample.labels) - sample.labels.count(IGNORE_INDEX)
+    plain = conv(("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"))
+    tokenizer = fixture_tokenizers["chatml"]
+    assert render(plain, tokenizer, train_on="last").labels == _expected_labels(tokenizer, plain, "<|im_end|>",
+                                                                               trained={3})
+
+
+def test_minicpm2_final_eos_is_trained_with_the_final_turn(fixture_tokenizers):
+    tokenizer = fixture_tokenizers["minicpm2"]
+    eos = tokenizer.eos_token_id
+    for train_on, trained in TRAIN_ON_CASES:
+        sample = render(FLAGGED, tokenizer, train_on=train_on)
+        assert sample.labels == _expected_labels(tokenizer, FLAGGED, "", trained=trained) + [eos]
+    untrained_end = Conversation([Message("user", "q"), Message("assistant", "a", False)])
+    sample = render(untrained_end, tokenizer)
+    assert (sample.input_ids[-1], sample.labels[-1], sample.trained_tokens, sample.trainable) == (
+        eos, IGNORE_INDEX, 0, False)
+
+
+def test_unknown_train_on_is_refused(fixture_tokenizers):
+    with pytest.raises(InputError, match="unknown train-on 'first'"):
+        render(CASES[0], fixture_tokenizers["chatml"], train_on="first")
 
 
 def test_render_prompt_matches_real_templates(real_tokenizers):

@@ -1,4 +1,5 @@
-"""Each repair, its counting, --no-repair rejection, the tool policy and the default system prompt."""
+"""Each repair, its counting, --no-repair rejection, the tool and reasoning policies, train flags through
+repairs, and the default system prompt."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from minicpm_data.sources import RecordRejected
 
 
 def _conv(*turns):
-    return Conversation([Message(role, content) for role, content in turns])
+    """Turns as (role, content[, train[, reasoning]])."""
+    return Conversation([Message(*turn) for turn in turns])
 
 
 def _turns(conversation):
@@ -30,8 +32,42 @@ CASES = {
 }
 
 
+# Reasoning policy -> (turns before, turns after) for the repairs the policy counts.
+REASONING_CASES = {
+    "drop reasoning": ("drop", [("user", "q"), ("assistant", "a", None, "because")], [("user", "q"), ("assistant", "a")]),
+    "reasoning into <think>": ("think", [("user", "q"), ("assistant", "\n\nThe answer.", None, "\n step 1\nstep 2 ")],
+                               [("user", "q"), ("assistant", "<think>\nstep 1\nstep 2\n</think>\n\nThe answer.")]),
+}
+
+
 def test_every_repair_has_a_case():
-    assert set(CASES) == set(REPAIRS)
+    assert set(CASES) | set(REASONING_CASES) == set(REPAIRS)
+
+
+@pytest.mark.parametrize("kind", list(REASONING_CASES))
+def test_reasoning_policy_applies_and_is_counted_even_without_repairs(kind):
+    policy, before, after = REASONING_CASES[kind]
+    repaired, applied = finish(_conv(*before), reasoning=policy, repair=False)
+    assert (_turns(repaired), applied) == (after, [kind])
+
+
+def test_reasoning_rejected_by_default_and_only_on_assistant_turns():
+    with pytest.raises(RecordRejected) as caught:
+        finish(_conv(("user", "q"), ("assistant", "a", None, "why")))
+    assert (caught.value.reason, caught.value.detail) == ("reasoning", "turn 1 carries reasoning; choose --reasoning "
+                                                                       "drop or think")
+    with pytest.raises(RecordRejected, match="^malformed field: turn 0 is a user turn with reasoning$"):
+        finish(_conv(("user", "q", None, "why"), ("assistant", "a")), reasoning="think")
+
+
+def test_train_flags_survive_repairs():
+    kept, _ = finish(_conv(("user", " q "), ("assistant", " a ", False), ("user", "q2"), ("assistant", "b", True)))
+    assert [m.train for m in kept.messages] == [None, False, None, True]
+    assert kept.to_record()["messages"][1] == {"role": "assistant", "content": "a", "train": False}
+    merged, _ = finish(_conv(("user", "q"), ("assistant", "a", True), ("assistant", "b", False)))
+    assert [(m.content, m.train) for m in merged.messages] == [("q", None), ("a\nb", False)]
+    merged, _ = finish(_conv(("user", "q"), ("assistant", "a", True), ("assistant", "b")))
+    assert merged.messages[1].train is True
 
 
 @pytest.mark.parametrize("kind", list(CASES))

@@ -95,7 +95,7 @@ def test_messages_pass_through_normalised(fixtures_dir):
                                             ("assistant", "Paris")]
     with pytest.raises(RecordRejected, match="tool turn"):
         finish(source.convert(records[2]))
-    with pytest.raises(RecordRejected, match="not text: message 0 has a image_url part"):
+    with pytest.raises(RecordRejected, match="^not text: image part: message 0 has a image_url part$"):
         source.convert(records[3])
 
 
@@ -153,7 +153,8 @@ def test_table_template_placeholders_name_columns_verbatim():
 
 @pytest.mark.parametrize("name, expected", [
     ("sharegpt.json", "sharegpt"), ("alpaca.json", "alpaca"), ("ocnli.json", "ocnli"),
-    ("messages.jsonl", "messages"), ("sharegpt_gbk.jsonl", "sharegpt"),
+    ("messages.jsonl", "messages"), ("sharegpt_gbk.jsonl", "sharegpt"), ("llamafactory_v1.jsonl", "messages"),
+    ("openai_parts.jsonl", "messages"), ("prompt_completion.jsonl", "prompt-completion"),
 ])
 def test_auto_detection(fixtures_dir, name, expected):
     assert detect_format(_records(fixtures_dir, name), name) == expected
@@ -167,6 +168,89 @@ def test_auto_detection_refuses_ambiguous_mixed_and_unknown():
         detect_format([{"instruction": "q", "output": "a"}, {"conversations": []}], "x.json")
     with pytest.raises(FormatError, match=r"cannot detect the format from keys \['Q', 'A'\]"):
         detect_format([{"Q": "q", "A": "a"}], "x.csv")
+
+
+def _messages(source, record, **policies):
+    conversation, _ = finish(source.convert(record), verbatim=source.verbatim, **policies)
+    return conversation.to_record()["messages"]
+
+
+def test_llamafactory_v1_parts_weights_and_reasoning(fixtures_dir):
+    records, source = _records(fixtures_dir, "llamafactory_v1.jsonl"), make_source("messages")
+    assert _messages(source, records[0]) == [{"role": "system", "content": "You are a helpful assistant."},
+                                             {"role": "user", "content": "What is 2+2?"},
+                                             {"role": "assistant", "content": "4"}]
+    # loss_weight 0.0 on an assistant turn: not trained; 1.0 leaves the choice to --train-on
+    assert [m.get("train") for m in _messages(source, records[1])] == [None, False, None, None]
+    assert _messages(source, records[2], reasoning="think")[1]["content"] == (
+        "<think>\n17 has no divisor between 2 and 4.\n</think>\n\nYes, 17 is prime.")
+    assert _messages(source, records[2], reasoning="drop")[1]["content"] == "Yes, 17 is prime."
+    assert _messages(source, records[5])[0]["content"] == "Translate:\n你好"  # text parts join in order
+    with pytest.raises(RecordRejected, match="^tool turn"):  # a tool_call part makes a tool turn
+        finish(source.convert(records[6]))
+
+
+@pytest.mark.parametrize("name, index, reason, detail", [
+    ("llamafactory_v1.jsonl", 2, "reasoning", "turn 1 carries reasoning; choose --reasoning drop or think"),
+    ("llamafactory_v1.jsonl", 3, "not text: image part", "message 0 has a image_url part"),
+    ("llamafactory_v1.jsonl", 4, "unsupported weight", "message 1 loss_weight is 0.5; only 0 (not trained) or 1 is supported"),
+    ("openai_parts.jsonl", 0, "not text: audio part", "message 0 has a input_audio part"),
+    ("openai_parts.jsonl", 1, "not text: video part", "message 0 has a video_url part"),
+    ("openai_parts.jsonl", 2, "reasoning", "turn 1 carries reasoning; choose --reasoning drop or think"),
+    ("openai_parts.jsonl", 5, "unsupported weight", "message 0 is a user turn marked as trained; only assistant turns are trained"),
+    ("openai_parts.jsonl", 6, "unsupported weight", "message 1 train is 'no', not true or false"),
+    ("prompt_completion.jsonl", 4, "undesirable completion", "label is false: a completion to avoid, not to learn"),
+    ("prompt_completion.jsonl", 6, "malformed field", "prompt and completion must both be strings or both message lists"),
+    ("prompt_completion.jsonl", 7, "malformed field", "completion must hold the assistant's turn(s)"),
+])
+def test_new_shapes_reject_with_their_reason(fixtures_dir, name, index, reason, detail):
+    source = make_source(detect_format(_records(fixtures_dir, name), name))
+    with pytest.raises(RecordRejected) as caught:
+        finish(source.convert(_records(fixtures_dir, name)[index]))
+    assert (caught.value.reason, caught.value.detail) == (reason, detail)
+
+
+def test_openai_reasoning_content_refusal_and_axolotl_weight(fixtures_dir):
+    records, source = _records(fixtures_dir, "openai_parts.jsonl"), make_source("messages")
+    assert _messages(source, records[2], reasoning="think")[1]["content"] == (
+        "<think>\nCompare the tenths: 9 > 1.\n</think>\n\n9.9 is larger.")
+    assert _messages(source, records[3])[1]["content"] == "I can't help with that."
+    assert [m.get("train") for m in _messages(source, records[4])] == [None, None, False, None, None]
+
+
+def test_sharegpt_turns_take_weights_parts_and_reasoning():
+    record = {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1", "weight": 0},
+                                {"from": "human", "value": [{"type": "text", "text": "q2"}]},
+                                {"from": "gpt", "value": "a2", "reasoning_content": "r"}]}
+    assert _messages(make_source("sharegpt"), record, reasoning="think") == [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "train": False},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na2"}]
+
+
+def test_target_format_train_flags_pass_through():
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": True},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "train": False}]}
+    assert _messages(make_source("messages"), record) == record["messages"]
+
+
+def test_prompt_completion_strings_system_and_conversational(fixtures_dir):
+    records, source = _records(fixtures_dir, "prompt_completion.jsonl"), make_source("prompt-completion")
+    assert _convert(source, records[0]) == [("user", "The sky is"), ("assistant", "blue.")]
+    assert _convert(source, records[1]) == [("system", "Answer in French."), ("user", "Hello"), ("assistant", "Bonjour")]
+    assert _convert(source, records[2]) == [("system", "Be brief."), ("user", "What color is the sky?"),
+                                            ("assistant", "It is blue.")]
+    assert _convert(source, records[5]) == [("user", "The sky is"), ("assistant", "blue.")]  # label true: kept
+
+
+def test_json_records_map_keys_like_table_columns(fixtures_dir):
+    records, source = _records(fixtures_dir, "qa.json"), make_source("csv", user_col="question", assistant_col="answer")
+    assert [_convert(source, r) for r in records[:3]] == [
+        [("user", "What is the boiling point of water?"), ("assistant", "100 °C at sea level.")],
+        [("user", "2+2?"), ("assistant", "4")], [("user", "Capital of Japan?"), ("assistant", "Tokyo")]]
+    with pytest.raises(RecordRejected, match="^missing field: 'answer'$"):
+        source.convert(records[4])
+    templated = make_source("csv", template="[{topic}] {question}", assistant_col="answer")
+    assert _convert(templated, records[0])[0] == ("user", "[physics] What is the boiling point of water?")
 
 
 def test_every_source_documents_input_and_output():

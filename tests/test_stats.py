@@ -191,6 +191,7 @@ def test_cli_real_minicpm4(capsys, shared_dir):
 @pytest.mark.parametrize("argv, message", [
     (["--template", "llama3"], "unknown template 'llama3'"),
     (["--truncation", "left"], "unknown truncation 'left'"),
+    (["--train-on", "first"], "unknown train-on 'first'"),
 ])
 def test_cli_errors_are_one_line(capsys, fixtures_dir, valid_lengths_file, argv, message):
     code, out, err = run_cli(capsys, "stats", valid_lengths_file, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
@@ -286,3 +287,25 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(MinicpmError, match="--plot needs matplotlib: pip install matplotlib"):
         plot_path(tmp_path / "x.png")
+
+
+def test_trained_tokens_follow_train_flags_and_train_on(capsys, chatml, fixtures_dir, tmp_path):
+    multi = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "first answer"},
+                          {"role": "user", "content": "q2"}, {"role": "assistant", "content": "second answer"}]}
+    flagged = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "skip", "train": False}]}
+    path = tmp_path / "flags.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (multi, flagged)) + "\n", encoding="utf-8")
+    conversations = [c for _, c in read_conversations(path)]
+    trained = {}
+    for train_on in ("all", "last"):
+        samples = [render(c, chatml, train_on=train_on) for c in conversations]
+        stats = compute_stats(str(path), conversations, chatml, model_max_length=1024, train_on=train_on)
+        assert stats.trained_tokens == sum(s.trained_tokens for s in samples if s.trainable)
+        assert (stats.no_trained_tokens, stats.trainable_samples, stats.train_on) == (1, 1, train_on)
+        code, out, err = run_cli(capsys, "stats", path, "--tokenizer", fixtures_dir / "tokenizers" / "chatml",
+                                 "--train-on", train_on, "--json")
+        assert code == 0, err
+        [entry] = json.loads(out)
+        assert (entry["trained_tokens"], entry["train_on"]) == (stats.trained_tokens, train_on)
+        trained[train_on] = stats.trained_tokens
+    assert 0 < trained["last"] < trained["all"]  # last trains only the second answer

@@ -111,6 +111,9 @@ def test_fast_path_agrees_with_the_schema():
                 for r in roles for c in contents]
     records += [{"messages": [{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a"}]},
                 {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, {**GOOD, "id": 1}]
+    records += [{"messages": [{"role": "user", "content": "q", **user}, {"role": "assistant", "content": "a", **answer}]}
+                for user in ({}, {"train": False}, {"train": True})
+                for answer in ({}, {"train": False}, {"train": True}, {"train": 0}, {"train": None}, {"weight": 0})]
     for record in records:
         assert _fits_schema(record) == _record_validator().is_valid(record), record
 
@@ -135,3 +138,13 @@ def test_require_valid_names_a_whole_file_problem_alone(tmp_path, content, messa
     path.write_text(content)
     with pytest.raises(FormatError, match=rf"^{path}{message}" if message.startswith(":") else rf"^{path}: {message}$"):
         require_valid(path)
+
+
+def test_train_flags_only_on_assistant_turns(tmp_path):
+    path = tmp_path / "flags.jsonl"
+    records = [_msgs(("user", "q"), ("assistant", "a")), _msgs(("user", "q"), ("assistant", "a"))]
+    records[0]["messages"][1]["train"] = False
+    records[1]["messages"][0]["train"] = False
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [(p.index, p.pointer, p.message) for p in validate_file(path)] == [
+        (1, "/messages/0", "train is only for assistant turns (user and system turns are never trained)")]

@@ -11,12 +11,13 @@ from minicpm_data.sources.base import REJECT_REASONS, TOOL_ROLE, RecordRejected,
 from minicpm_data.sources.csv import Table
 from minicpm_data.sources.messages import Messages
 from minicpm_data.sources.ocnli import OCNLI
+from minicpm_data.sources.prompt_completion import PromptCompletion
 from minicpm_data.sources.sharegpt import ShareGPT
 
-SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (ShareGPT, Alpaca, OCNLI, Table, Messages)}
+SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (ShareGPT, Alpaca, OCNLI, Table, Messages, PromptCompletion)}
 FORMATS = (*SOURCES, "auto")
 # Formats recognisable from record keys alone; csv needs column options, so it is chosen explicitly.
-_DETECTABLE = (Messages, ShareGPT, Alpaca, OCNLI)
+_DETECTABLE = (Messages, ShareGPT, Alpaca, OCNLI, PromptCompletion)
 DETECT_SAMPLE = 100
 
 __all__ = ["FORMATS", "REJECT_REASONS", "SOURCES", "TOOL_ROLE", "RecordRejected", "Source", "detect_format",
@@ -47,5 +48,5 @@ def detect_format(records: Sequence[Any], path: str) -> str:
     if not seen:
         keys = list(dict.fromkeys(key for record in records if isinstance(record, Mapping) for key in record))
         raise FormatError(f"{path}: cannot detect the format from keys {keys[:12]}; choose one with --from "
-                          "(for tables: --from csv --user-col ... --assistant-col ...)")
+                          "(tables, or records with other keys: --user-col ... --assistant-col ...)")
     return next(iter(seen))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from minicpm_data.conversation import Conversation
+from minicpm_data.conversation import Conversation, Message
 
 # Role every source gives tool-calling turns; the pipeline applies the tool policy to it.
 TOOL_ROLE = "tool"
@@ -15,7 +15,17 @@ REJECT_REASONS = {
     "not an object": "the record is not a JSON object (e.g. a bare string in the list)",
     "missing field": "a field the format needs is absent, or a --template column is empty (the detail names it)",
     "malformed field": "a field has the wrong shape, e.g. turns that are not a list of objects",
-    "not text": "a text field holds a number, list, or non-text content part",
+    "not text": "a text field holds a number, list, or a content part that is not text (the detail names its type)",
+    "not text: image part": "a message holds an image part (OpenAI image_url, LLaMA-Factory image_url, ...): "
+                            "MiniCPM's text models cannot train on it",
+    "not text: audio part": "a message holds an audio part (input_audio, audio)",
+    "not text: video part": "a message holds a video part (video, video_url)",
+    "reasoning": "an assistant turn carries reasoning (a reasoning part, or a reasoning_content, reasoning or "
+                 "thinking field) and --reasoning is reject",
+    "unsupported weight": "a loss_weight/weight other than 0 or 1, a train flag that is not true/false, "
+                          "or a user/system turn marked as trained: only assistant turns are trained, wholly or not",
+    "undesirable completion": "a prompt/completion record labelled false (TRL's unpaired preference data): "
+                              "the completion is an example of what not to answer",
     "unknown role": "a turn's role is none of system/user/assistant or their known aliases",
     "tool turn": "the record has tool turns (function_call, observation, tool) and the policy is reject",
     "no label": "an OCNLI record without a label (the unlabelled test split)",
@@ -53,8 +63,9 @@ class Source:
     def matches(record: Mapping[str, Any]) -> bool:
         return False
 
-    def check_columns(self, columns: list[str], path: str) -> None:
-        """Raise :class:`~minicpm_data.errors.FormatError` when a table lacks a column the source needs."""
+    def check_columns(self, columns: list[str], path: str, what: str = "column") -> None:
+        """Raise :class:`~minicpm_data.errors.FormatError` when a table lacks a column the source needs
+        (``what="key"``: when no sampled JSON record has a key the source needs)."""
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
         raise NotImplementedError
@@ -77,20 +88,99 @@ def text(value: Any, where: str) -> str:
     raise RecordRejected("not text", f"{where} is {type(value).__name__}")
 
 
+# Content part types (OpenAI chat and Responses API, LLaMA-Factory v1, Anthropic) by what they hold.
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_REASONING_PARTS = frozenset({"reasoning", "thinking"})
+_TOOL_PARTS = frozenset({"tool_call", "tool_calls", "tools", "function_call", "tool_use", "tool_result"})
+_MEDIA_PARTS = {"image": "image", "image_url": "image", "input_image": "image", "audio": "audio",
+                "input_audio": "audio", "video": "video", "video_url": "video"}
+# Where a part keeps its text: OpenAI "text", LLaMA-Factory v1 "value", OpenAI "refusal", Anthropic "thinking".
+_PART_TEXT_KEYS = ("text", "value", "refusal", "reasoning", "thinking")
+# Message-level reasoning fields: DeepSeek / OpenAI-compatible servers, vLLM, Hugging Face chat templates.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+# Per-turn training fields: the target format's own, LLaMA-Factory v1's, axolotl's and OpenAI fine-tuning's (0 or 1).
+TRAIN_KEYS = ("train", "loss_weight", "weight")
+
+
 def content_text(value: Any, where: str) -> str:
-    """A chat turn's content: like :func:`text`, or OpenAI-style content parts joined by newlines."""
-    if isinstance(value, list):
-        return "\n".join(_part_text(part, where) for part in value)
-    return text(value, where)
+    """A turn's text: like :func:`text`, or the text of a content part list (see :func:`content_parts`)."""
+    body, reasoning, tool = content_parts(value, where)
+    if reasoning is not None or tool:
+        raise RecordRejected("not text", f"{where} has a {'reasoning' if reasoning is not None else 'tool'} part")
+    return body
 
 
-def _part_text(part: Any, where: str) -> str:
-    if isinstance(part, str):
-        return part
-    if isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
-    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-    raise RecordRejected("not text", f"{where} has a {kind} part")
+def content_parts(value: Any, where: str) -> tuple[str, str | None, bool]:
+    """``(text, reasoning or None, has tool parts)`` of a turn's content: a string, ``None``, or a list of
+    parts (strings, or objects with a ``type``). Several text parts join with a newline, in order; image,
+    audio and video parts are rejected (``not text: image part`` ...), never dropped."""
+    if not isinstance(value, list):
+        return text(value, where), None, False
+    texts, reasoning, tool = [], [], False
+    for part in value:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type", "text") if isinstance(part, Mapping) else type(part).__name__
+        if kind in _TEXT_PARTS or kind == "refusal":
+            texts.append(_part_text(part, kind, where))
+        elif kind in _REASONING_PARTS:
+            reasoning.append(_part_text(part, kind, where))
+        elif kind in _TOOL_PARTS:
+            tool = True
+        elif kind in _MEDIA_PARTS:
+            raise RecordRejected(f"not text: {_MEDIA_PARTS[kind]} part", f"{where} has a {kind} part")
+        else:
+            raise RecordRejected("not text", f"{where} has a {kind} part")
+    joined = "\n".join(r for r in reasoning if r.strip())
+    return "\n".join(texts), joined or None, tool
+
+
+def _part_text(part: Mapping[str, Any], kind: str, where: str) -> str:
+    for key in _PART_TEXT_KEYS:
+        if part.get(key) is not None:  # Parquet structs carry every part's keys, null where unused
+            return text(part[key], f"{where} {kind} part")
+    raise RecordRejected("malformed field", f"{where} has a {kind} part without text")
+
+
+def chat_message(turn: Mapping[str, Any], role_name: Any, content: Any, where: str) -> Message:
+    """One chat turn as a :class:`Message`: its role, content text (or parts), reasoning and training flag.
+
+    Tool calls (``tool_calls``/``function_call`` fields or tool parts) give the turn the tool role."""
+    body, reasoning, tool = content_parts(content, where)
+    for key in REASONING_KEYS:
+        extra = turn.get(key)
+        if isinstance(extra, str) and extra.strip():
+            reasoning = f"{reasoning}\n{extra}" if reasoning else extra
+        elif extra is not None and not isinstance(extra, str):
+            raise RecordRejected("not text", f"{where} {key} is {type(extra).__name__}")
+    target = TOOL_ROLE if tool or turn.get("tool_calls") or turn.get("function_call") else role(role_name)
+    train = turn_train(turn, target, where) if not turn.keys().isdisjoint(TRAIN_KEYS) else None
+    return Message(target, body, train, reasoning)
+
+
+def turn_train(turn: Mapping[str, Any], target: str, where: str) -> bool | None:
+    """The training flag of a turn from ``train`` (true/false), LLaMA-Factory's ``loss_weight`` or axolotl's
+    ``weight`` (0: not trained, 1: the default); ``None`` when it has none, or is not an assistant turn."""
+    key = next((key for key in TRAIN_KEYS if turn.get(key) is not None), None)  # Parquet: unused keys are null
+    if key is None or target == TOOL_ROLE:  # tool turns are dropped or rejected by the tool policy
+        return None
+    value = turn[key]
+    if key == "train":
+        if type(value) is not bool:
+            raise RecordRejected("unsupported weight", f"{where} train is {value!r}, not true or false")
+        trained = value
+    elif type(value) in (int, float) and value in (0, 1):
+        trained = value == 1
+    else:
+        raise RecordRejected("unsupported weight", f"{where} {key} is {value!r}; only 0 (not trained) or 1 is supported")
+    if target != "assistant":
+        if trained:
+            raise RecordRejected("unsupported weight", f"{where} is a {target} turn marked as trained; "
+                                                       "only assistant turns are trained")
+        return None
+    # A weight of 1 is every assistant turn's default: it leaves the choice to --train-on.
+    return value if key == "train" else (None if trained else False)
 
 
 def optional_text(record: Mapping[str, Any], name: str) -> str:

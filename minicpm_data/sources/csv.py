@@ -1,4 +1,4 @@
-"""Tables (CSV, TSV, Parquet, or any flat records) mapped to one exchange per row."""
+"""Records mapped by column or key: tables (CSV, TSV, Parquet) and JSON / JSON Lines objects, one exchange each."""
 
 from __future__ import annotations
 
@@ -8,19 +8,22 @@ from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.errors import FormatError
-from minicpm_data.sources.base import RecordRejected, Source, field, optional_text, text
+from minicpm_data.sources.base import RecordRejected, Source, content_text, field, optional_text
 
 
 class Table(Source):
-    """One row -> one exchange, by column mapping or a prompt template.
+    """One row (or JSON object) -> one exchange, by column mapping or a prompt template.
 
-    ``user_col``/``assistant_col`` (and optional ``system_col``) name the columns; or ``template``
-    builds the user turn from ``{column}`` placeholders (``{{``/``}}`` for literal braces; a row
-    whose placeholder cell is empty is rejected, never rendered with a hole)::
+    ``user_col``/``assistant_col`` (and optional ``system_col``) name the columns, or a JSON record's
+    keys; or ``template`` builds the user turn from ``{column}`` placeholders (``{{``/``}}`` for literal
+    braces; a row whose placeholder cell is empty is rejected, never rendered with a hole)::
 
         Q,A          --user-col Q --assistant-col A
         12시 땡!,하루가 또 가네요.   -> {"messages": [{"role": "user", "content": "12시 땡!"},
                                                    {"role": "assistant", "content": "하루가 또 가네요."}]}
+        {"question": "2+2?", "answer": 4}   --user-col question --assistant-col answer
+                                     -> {"messages": [{"role": "user", "content": "2+2?"},
+                                                      {"role": "assistant", "content": "4"}]}
     """
 
     name = "csv"
@@ -36,10 +39,11 @@ class Table(Source):
         placeholders = [name for _, name in self.template if name is not None]
         self.columns = [c for c in (user_col, assistant_col, system_col, *placeholders) if c]
 
-    def check_columns(self, columns: list[str], path: str) -> None:
+    def check_columns(self, columns: list[str], path: str, what: str = "column") -> None:
         missing = [name for name in dict.fromkeys(self.columns) if name not in columns]
         if missing:
-            raise FormatError(f"{path}: missing column {', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
+            shown = ", ".join(columns[:20]) + (", ..." if len(columns) > 20 else "")
+            raise FormatError(f"{path}: missing {what} {', '.join(map(repr, missing))} ({what}s: {shown})")
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
         if self.template:
@@ -77,7 +81,8 @@ def _filled(record: Mapping[str, Any], column: str) -> str:
 
 
 def _cell(value: Any, column: str) -> str:
-    """A cell as text: numbers (typed Parquet/JSON columns) are written as they read."""
+    """A cell as text: numbers (typed Parquet/JSON columns) are written as they read; JSON content part
+    lists join as a turn's do."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    return text(value, repr(column))
+    return content_text(value, repr(column))

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
-from minicpm_data.sources.base import RecordRejected, Source, content_text, field, optional_text, role, text
+from minicpm_data.sources.base import RecordRejected, Source, chat_message, field, optional_text, role, text
 
 TURN_KEYS = ("conversations", "conversation", "messages")
 _PAIR_KEYS = (("human", "user"), ("assistant", "gpt"))
@@ -23,7 +23,8 @@ class ShareGPT(Source):
         -> {"messages": [{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
-    Tool turns (function_call, observation, tool) keep the role ``tool`` for the tool policy.
+    Tool turns (function_call, observation, tool) keep the role ``tool`` for the tool policy. Contents
+    may be part lists, and turns may carry reasoning and a training weight, as in :class:`Messages`.
     """
 
     name = "sharegpt"
@@ -43,7 +44,7 @@ class ShareGPT(Source):
         messages = [Message("system", system)] if system else []
         for position, turn in enumerate(turns):
             # The common {"from", "value": str} turn inline: this loop is the hot path of large conversions.
-            if type(turn) is dict and type(value := turn.get("value")) is str and "from" in turn:
+            if type(turn) is dict and type(value := turn.get("value")) is str and "from" in turn and len(turn) == 2:
                 messages.append(Message(role(turn["from"]), value))
             else:
                 messages.extend(_turn_messages(turn, position))
@@ -55,9 +56,9 @@ def _turn_messages(turn: Any, position: int) -> list[Message]:
     if not isinstance(turn, Mapping):
         raise RecordRejected("malformed field", f"{where} is {type(turn).__name__}, not an object")
     if "from" in turn or "value" in turn:
-        return [Message(role(turn.get("from")), text(turn.get("value"), where))]
+        return [chat_message(turn, turn.get("from"), turn.get("value"), where)]
     if "role" in turn or "content" in turn:
-        return [Message(role(turn.get("role")), content_text(turn.get("content"), where))]
+        return [chat_message(turn, turn.get("role"), turn.get("content"), where)]
     pair = [(target, key) for target, keys in zip(("user", "assistant"), _PAIR_KEYS) for key in keys if key in turn]
     if pair:
         return [Message(target, text(turn[key], f"{where} {key}")) for target, key in pair]
