@@ -27,7 +27,7 @@ def test_every_command_runs(capsys, repo_root, tmp_path, monkeypatch):
 
 
 def test_every_reject_reason_and_repair_is_documented(repo_root):
-    documented = _doc(repo_root) + (repo_root / "README.md").read_text(encoding="utf-8")
+    documented = _doc(repo_root) + (repo_root / "docs" / "data.md").read_text(encoding="utf-8")
     rows = set(re.findall(r"^\| `([^`]+)` \|", documented, flags=re.MULTILINE))
     assert set(REJECT_REASONS) <= rows
     assert {"drop reasoning", "reasoning into <think>"} <= set(REPAIRS)

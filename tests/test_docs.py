@@ -53,11 +53,20 @@ def _accepted(cli: str, subcommand: str) -> frozenset[str]:
 
 
 @cache
+def _script_flags() -> frozenset[str]:
+    """The flags of the project's own scripts (bench/, fixtures/), read from their argparse declarations."""
+    scripts = [*ROOT.glob("bench/*.py"), *ROOT.glob("fixtures/**/*.py")]
+    return frozenset(flag for path in scripts
+                     for flag in re.findall(r'add_argument\(\s*"(--[\w-]+)"', path.read_text(encoding="utf-8")))
+
+
+@cache
 def _any_flag() -> frozenset[str]:
-    """Every flag some command accepts, the launcher flags guide scripts are read with, and OTHER_PROGRAMS_FLAGS."""
+    """Every flag some command accepts, the launcher flags guide scripts are read with, the project's scripts'
+    flags, and OTHER_PROGRAMS_FLAGS."""
     launcher = {f"--{name}" for flags in LAUNCHER_FLAGS.values() for name in flags if len(name) > 1}
     every = {flag for cli, commands in _commands().items() for sub in commands for flag in _accepted(cli, sub)}
-    return frozenset(every | launcher | OTHER_PROGRAMS_FLAGS)
+    return frozenset(every | launcher | _script_flags() | OTHER_PROGRAMS_FLAGS)
 
 
 def _code(text: str) -> list[str]:
@@ -131,7 +140,8 @@ def test_relative_links_and_their_anchors_resolve(page):
 
 def test_every_own_flag_of_run_is_documented():
     text = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
-    undocumented = [name for name in own_fields() if f"`--{name}" not in text]
+    undocumented = [name for name in own_fields()
+                    if f"`--{name}" not in text and f"`--{name.replace('_', '-')}" not in text]
     assert not undocumented, f"not in README.md or docs/: {undocumented}"
 
 
