@@ -63,6 +63,7 @@ class RunOptions:
     template: str | None = field(default=None, metadata={"help": "Chat layout: chatml or minicpm2 (default: detected)."})
     truncation: str = field(default="right", metadata={"help": "Truncation policy of the renderer."})
     packing: bool = field(default=False, metadata={"help": "Pack several samples per row; they never attend to each other."})
+    loss_impl: str = field(default="auto", metadata={"help": "How the loss is computed: auto, chunked, fused or full (full materialises [batch, length, vocab] logits)."})
     precision: str | None = field(
         default=None,
         metadata={"help": "auto, bf16, fp16 or fp32; auto picks the best the hardware has (default: from --bf16/--fp16)."},
@@ -300,6 +301,10 @@ def _check_required(options: RunOptions, training: dict[str, Any], require_data:
                             "drop --eval_on_start (the first evaluation runs at --eval_steps)")
     if options.precision not in (None, "auto", "bf16", "fp16", "fp32"):
         raise ArgumentError(f"--precision must be auto, bf16, fp16 or fp32, not {options.precision!r}")
+    from minicpm_train.loss import LOSS_IMPLS
+
+    if options.loss_impl not in LOSS_IMPLS:
+        raise ArgumentError(f"--loss_impl must be one of {', '.join(LOSS_IMPLS)}, not {options.loss_impl!r}")
     _check_resume(training.get("resume_from_checkpoint"))
 
 
