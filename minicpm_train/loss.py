@@ -103,7 +103,8 @@ def capture_head_input(model) -> Iterator[_HeadInput]:
         captured.hidden = args[0]
         return (args[0].narrow(-2, 0, 0), *args[1:])
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(keep_and_skip)
+    # First of lm_head's pre-hooks: DeepSpeed ZeRO-3's own then wrap only the empty slice, whose backward never runs.
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep_and_skip, prepend=True)
     try:
         yield captured
     finally:
