@@ -115,10 +115,10 @@ def main() -> None:
                                 "loss": loss_error <= 1e-6, "grad": grad_error <= 1e-5},
             }
             print(f"{name} (vocab {vocab:,}), batch {options.batch} x {options.length}: peak RSS "
-                  f"{full['peak'] / 1e9:.2f} GB full vs {chunked['peak'] / 1e9:.2f} GB chunked ({memory_ratio:.2f}x lower, "
-                  f"target {TARGET_MEMORY_RATIO[vocab]:.0f}x); step {full['seconds']:.2f} s vs {chunked['seconds']:.2f} s "
-                  f"({time_ratio:.3f}x, target <= 1.15x); loss rel. error {loss_error:.1e}, grad rel. error {grad_error:.1e}",
-                  flush=True)
+                  f"{full['peak'] / 1e9:.2f} GB full vs {chunked['peak'] / 1e9:.2f} GB chunked "
+                  f"({memory_ratio:.2f}x lower, target {TARGET_MEMORY_RATIO[vocab]:.0f}x); step "
+                  f"{full['seconds']:.2f} s vs {chunked['seconds']:.2f} s ({time_ratio:.3f}x, target <= 1.15x); "
+                  f"loss rel. error {loss_error:.1e}, grad rel. error {grad_error:.1e}", flush=True)
     print(json.dumps(results, indent=2))
 
 

@@ -5,8 +5,10 @@ tensor that enters it (after any pre-head step of the architecture, such as Mini
 ``hidden_size / dim_model_base``) and hands ``lm_head`` an empty slice instead, so the model never builds
 the logits. The loss then goes through ``lm_head``'s weight over the trained positions only, at most
 :data:`CHUNK_SIZE` of them at a time, and each chunk's gradients are computed right there (the logits'
-gradient is ``softmax - one_hot``), so backward recomputes nothing and holds no logits either. On CUDA, a
-fused kernel (Liger Kernel, cut-cross-entropy) does the same when one is installed.
+gradient is ``softmax - one_hot``), so backward recomputes nothing and holds no logits either. A trainable
+``lm_head`` gets its gradient back through a call of the module itself (see :func:`_through_head`), so
+DeepSpeed ZeRO-3 manages its partitioned weight as usual. On CUDA, a fused kernel (Liger Kernel,
+cut-cross-entropy) does the same when one is installed.
 
 The loss equals the one the model's own forward computes from ``labels`` (shifted by one, ``-100``
 ignored, the sum divided by ``num_items_in_batch`` under gradient accumulation or else a mean).
@@ -51,8 +53,8 @@ def choose_loss_impl(requested: str, *, device_type: str, installed: set[str], z
                      half_precision: bool = True) -> LossChoice:
     """Pick the loss implementation for ``--loss_impl requested`` on this device (pure: no imports, no probing).
 
-    Fused kernels are CUDA-only. Liger's kernel computes its gradients in forward, so it also works on a
-    ZeRO-3 partitioned ``lm_head``; cut-cross-entropy recomputes in backward (not with ZeRO-3) and needs
+    Fused kernels are CUDA-only, and not for ZeRO-3: they take ``lm_head``'s weight as a plain tensor and
+    return its gradient, which a partitioned parameter cannot take. cut-cross-entropy also needs
     half-precision weights. ``auto``: a usable fused kernel, else chunked.
     """
     if requested not in LOSS_IMPLS:
@@ -60,15 +62,16 @@ def choose_loss_impl(requested: str, *, device_type: str, installed: set[str], z
     if requested == "full":
         return LossChoice("full", None, "loss: full logits ([batch, length, vocab], as the model's own forward)")
     usable = []
-    if device_type == "cuda" and requested != "chunked":
+    if device_type == "cuda" and requested != "chunked" and zero_stage != 3:
         if "liger_kernel" in installed:
             usable.append("liger_kernel")
-        if "cut_cross_entropy" in installed and zero_stage != 3 and half_precision:
+        if "cut_cross_entropy" in installed and half_precision:
             usable.append("cut_cross_entropy")
     if usable:
         return LossChoice("fused", usable[0], f"loss: fused linear cross entropy ({usable[0]})")
     if requested == "fused":
         why = ("fused kernels need a CUDA GPU" if device_type != "cuda"
+               else "fused kernels cannot update a ZeRO-3 partitioned lm_head" if zero_stage == 3
                else "no usable fused kernel is installed (pip install liger-kernel)")
         raise LossError(f"--loss_impl fused: {why}; use --loss_impl chunked")
     where = "" if device_type != "cuda" else " (install liger-kernel for the fused kernel)"
@@ -136,38 +139,70 @@ def _chunk_loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross entropy of ``hidden @ weight.T + bias`` against ``targets``, chunk by chunk.
 
-    Gradients are computed in forward (one chunk of logits alive at a time) and only scaled in backward.
+    Differentiable in ``hidden`` only: every gradient is computed in forward (one chunk of logits alive at
+    a time), the hidden states' kept for backward to scale; ``weight`` / ``bias`` are constants here and
+    their gradients come out as two more (non-differentiable) outputs when ``head_gradients`` is set.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        want_gradients = need_hidden or need_weight or need_bias
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, head_gradients):
+        need_hidden = ctx.needs_input_grad[0]
+        want_gradients = need_hidden or head_gradients
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if head_gradients else weight.new_empty(0)
+        grad_bias = (torch.zeros_like(bias, dtype=torch.float32) if head_gradients and bias is not None
+                     else weight.new_empty(0))
         for start in range(0, len(targets), chunk_size):
             part = slice(start, start + chunk_size)
             losses, grad_logits = _chunk_loss_and_gradients(hidden[part], weight, bias, targets[part], want_gradients)
             total += losses.sum()
             if need_hidden:
                 grad_hidden[part] = grad_logits @ weight.to(grad_logits.dtype)
-            if need_weight:
+            if head_gradients:
                 grad_weight += (grad_logits.t() @ hidden[part].to(grad_logits.dtype)).float()
-            if need_bias:
-                grad_bias += grad_logits.float().sum(dim=0)
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
-        ctx.present = (need_hidden, need_weight, need_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return total
+                if bias is not None:
+                    grad_bias += grad_logits.float().sum(dim=0)
+        ctx.save_for_backward(grad_hidden)
+        ctx.mark_non_differentiable(grad_weight, grad_bias)
+        return total, grad_weight, grad_bias
 
     @staticmethod
-    def backward(ctx, grad_output):
-        saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad_output).to(dtype) if present else None
-                 for present, dtype in zip(ctx.present, ctx.dtypes)]
-        return (*grads, None, None)
+    def backward(ctx, grad_total, _grad_weight, _grad_bias):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_total).to(grad_hidden.dtype), None, None, None, None, None
+
+
+class _GradientInjection(torch.autograd.Function):
+    """A zero whose gradient for ``output`` is ``gradient`` (times whatever multiplies the zero)."""
+
+    @staticmethod
+    def forward(ctx, output, gradient):
+        ctx.save_for_backward(gradient)
+        return output.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_zero):
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_zero, None
+
+
+def _through_head(head: torch.nn.Linear, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> torch.Tensor:
+    """A zero whose gradients for ``head``'s weight and bias are ``grad_weight`` / ``grad_bias``, by calling ``head``.
+
+    Through the module itself, so whatever manages its parameters (DeepSpeed ZeRO-3 gathering them for
+    backward and reducing their partitioned gradients) sees an ordinary use of the layer. ``head`` applied to
+    the identity rows (plus a zero row when it has a bias) gives ``weight.T`` (+ bias) at the cost of a chunk of
+    ``hidden_size`` positions; the injected output gradient makes ``linear``'s own backward yield exactly
+    ``grad_weight`` and ``grad_bias``.
+    """
+    basis = torch.eye(head.in_features + (head.bias is not None), head.in_features,
+                      dtype=head.weight.dtype, device=grad_weight.device)
+    rows = grad_weight.t()
+    if head.bias is not None:  # the identity rows also add the bias once each; the zero row corrects that
+        rows = torch.cat([rows, (grad_bias - rows.sum(dim=0))[None]])
+    output = head(basis)
+    return _GradientInjection.apply(output, rows.to(output.dtype))
 
 
 @contextlib.contextmanager
@@ -202,7 +237,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Linear, target
     with _gathered(head):
         if kernel is not None:
             return _fused_sum(kernel, hidden, head.weight, head.bias, targets).float()
-        return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size)
+        head_gradients = torch.is_grad_enabled() and head.weight.requires_grad
+        weight, bias = head.weight.detach(), head.bias.detach() if head.bias is not None else None
+        total, grad_weight, grad_bias = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size,
+                                                                         head_gradients)
+    return total + _through_head(head, grad_weight, grad_bias) if head_gradients else total
 
 
 def linear_cross_entropy_per_position(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, *,
@@ -273,7 +312,8 @@ class ChunkedLossTrainerMixin:
         head = self.model.get_output_embeddings()
         loss = causal_lm_loss(captured.hidden, head, labels, num_items_in_batch=num_items_in_batch,
                               kernel=self.loss_kernel)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        per_token = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if self.args.average_tokens_across_devices and per_token:
             loss_scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss
             loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         outputs["loss"] = loss
