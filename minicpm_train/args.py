@@ -36,6 +36,7 @@ LEGACY_RENAMES = {
 LEGACY_GROUP_BY_LENGTH = "group_by_length"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
 NO_RESUME = (None, "", "false", "False")  # --resume_from_checkpoint values meaning a fresh start
+LOSS_IMPLS = ("auto", "chunked", "fused", "full")  # --loss_impl: how the loss meets lm_head (minicpm_train.loss)
 QLORA_ZERO3 = "QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the guide's QLoRA setting) or zero2"
 
 
@@ -303,6 +304,8 @@ def _check_required(options: RunOptions, training: dict[str, Any], require_data:
                             "drop --eval_on_start (the first evaluation runs at --eval_steps)")
     if options.precision not in (None, "auto", "bf16", "fp16", "fp32"):
         raise ArgumentError(f"--precision must be auto, bf16, fp16 or fp32, not {options.precision!r}")
+    if options.loss_impl not in LOSS_IMPLS:
+        raise ArgumentError(f"--loss_impl must be one of {', '.join(LOSS_IMPLS)}, not {options.loss_impl!r}")
     _check_resume(training.get("resume_from_checkpoint"))
 
 

@@ -125,13 +125,21 @@ def _batch_losses(model, batch: list, pad_id: int, device) -> list[tuple[float, 
         ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
         labels[row, :len(r.labels)] = torch.tensor(r.labels)
         mask[row, :len(r.input_ids)] = 1
+    from minicpm_train.loss import capture_head_input, head_problem, per_sample_losses
+
+    ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    targets = labels[:, 1:].to(device)  # the token at t is predicted from positions < t
-    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                   reduction="none")
-    trained = (targets != -100).sum(dim=1)
-    return [(float(s), int(n)) for s, n in zip(token_loss.sum(dim=1).tolist(), trained.tolist())]
+        if head_problem(model) is None:  # chunk by chunk through lm_head: never [batch, length, vocab] logits
+            with capture_head_input(model) as captured:
+                model(input_ids=ids, attention_mask=mask)
+            sums, counts = per_sample_losses(captured.hidden, model.get_output_embeddings(), labels)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            targets = labels[:, 1:].to(device)  # the token at t is predicted from positions < t
+            token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                           ignore_index=-100, reduction="none")
+            sums, counts = token_loss.sum(dim=1), (targets != -100).sum(dim=1)
+    return [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
 
 
 def _greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:

@@ -26,7 +26,7 @@ Activations (micro batch, not gradient accumulation; SDPA attention, no s^2 matr
   4h + attention outputs + 4i (+ each LoRA linear's input and rank-r product) elements, in c; plus the logits:
   reference trainer (``pad_to_max``)   n V (c + 12): logits, fp32 upcast, shifted fp32 copy, fp32 log-softmax
   ``full``                             n V (c + 8): logits, fp32 upcast and fp32 log-softmax (or its gradient)
-  ``chunked`` / ``fused`` / ``auto``   min(n, LOSS_CHUNK_POSITIONS) V (c + 8): one chunk at a time
+  ``chunked`` / ``fused`` / ``auto``   min(n, loss.CHUNK_SIZE) V (c + 8): one chunk at a time
   with gradient checkpointing only the layer inputs are kept, plus the larger of one layer and the logits.
 Outside the tensors:
   CUDA context     CUDA_CONTEXT_BYTES per process; NCCL_BUFFER_BYTES more with several ranks
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpm_data.errors import MinicpmError
-from minicpm_train.args import QLORA_ZERO3
+from minicpm_train.args import LOSS_IMPLS, QLORA_ZERO3
 from minicpm_train.model_sizes import Architecture
 
 MIB = 2**20
@@ -62,8 +62,6 @@ NCCL_BUFFER_BYTES = GIB // 2
 #   OpenBMB's two fully specified figures (docs/memory.md); not measured by us.
 ALLOCATOR_RESERVE_FRACTION = 0.1
 ZERO3_GATHER_RESERVE_FRACTION = 1.3
-LOSS_CHUNK_POSITIONS = 2048  # positions per chunk of the chunked / fused loss (issue 15 uses the same)
-LOSS_IMPLEMENTATIONS = ("auto", "chunked", "fused", "full")
 NF4_DOUBLE_QUANT_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 absmax
 OVERLAP_COMM_FACTOR = 4.5
 TIGHT_FRACTION = 0.9  # above this share of the GPU, a run is "tight": fragmentation may still tip it over
@@ -244,7 +242,9 @@ def logits_bytes(arch: Architecture, settings: PlanSettings) -> tuple[int, str]:
                                                     "shifted fp32 copy and the fp32 log-softmax"
     if settings.loss_impl == "full":
         return tokens * arch.vocab_size * (c + 8), "--loss_impl full: logits, their fp32 upcast and log-softmax"
-    chunk = min(tokens, LOSS_CHUNK_POSITIONS)
+    from minicpm_train.loss import CHUNK_SIZE
+
+    chunk = min(tokens, CHUNK_SIZE)
     return chunk * arch.vocab_size * (c + 8), f"--loss_impl {settings.loss_impl}: one chunk of {chunk:,} positions " \
                                               "at a time"
 
@@ -279,8 +279,8 @@ def estimate(arch: Architecture, settings: PlanSettings) -> MemoryEstimate:
         raise PlanError(f"method must be full, lora or qlora, not {settings.method!r}")
     if settings.precision not in ("bf16", "fp16", "fp32"):
         raise PlanError(f"precision must be bf16, fp16 or fp32, not {settings.precision!r}")
-    if settings.loss_impl not in LOSS_IMPLEMENTATIONS:
-        raise PlanError(f"--loss_impl must be {', '.join(LOSS_IMPLEMENTATIONS)}, not {settings.loss_impl!r}")
+    if settings.loss_impl not in LOSS_IMPLS:
+        raise PlanError(f"--loss_impl must be {', '.join(LOSS_IMPLS)}, not {settings.loss_impl!r}")
     ds = settings.deepspeed
     if settings.method == "qlora" and ds and ds.stage == 3:
         raise PlanError(QLORA_ZERO3)

@@ -163,10 +163,17 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         total = sum(p.numel() for p in model.parameters())
         report(f"{'QLoRA' if options.qlora else 'LoRA'}: {trainable:,} trainable of {total:,} parameters")
 
-    # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments).
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments), whose
+    #    loss goes chunk by chunk (or a fused kernel) through lm_head: no [batch, length, vocab] logits.
+    from transformers import PrinterCallback, TrainingArguments
 
+    from minicpm_train.loss import make_trainer, resolve_loss
     from minicpm_train.memory import MemoryCallback, memory_record
+
+    zero_stage = int(((deepspeed or {}).get("zero_optimization") or {}).get("stage", 0))
+    loss = resolve_loss(options.loss_impl, model, device_type=device.split(":")[0], zero_stage=zero_stage)
+    run.notices.append(loss.notice)
+    report(loss.notice)
 
     resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
@@ -180,8 +187,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         training["eval_strategy"] = "no"
     args = TrainingArguments(**training)
     memory = MemoryCallback()  # peak GPU memory per rank; measures nothing on CPU
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=tokenizer, callbacks=[*callbacks, memory])
+    trainer = make_trainer(loss, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                           data_collator=collator, processing_class=tokenizer, callbacks=[*callbacks, memory])
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
+from minicpm_train.loss import CHUNK_SIZE
 from minicpm_train.model_sizes import Architecture, ModelSizeError, resolve_architecture
 from minicpm_train.plan import (
     ALLOCATOR_RESERVE_FRACTION,
     CUDA_CONTEXT_BYTES,
     GIB,
-    LOSS_CHUNK_POSITIONS,
     MIB,
     NCCL_BUFFER_BYTES,
     ZERO3_GATHER_RESERVE_FRACTION,
@@ -236,11 +236,11 @@ def test_logits_by_loss_implementation():
         settings = PlanSettings("full", micro_batch=4, max_length=1024, **kwargs)
         return estimate(arch, settings).activations - estimate(arch, PlanSettings(
             "full", micro_batch=4, max_length=1024, loss_impl="chunked")).activations + \
-            LOSS_CHUNK_POSITIONS * per_position
+            CHUNK_SIZE * per_position
 
     assert logits(loss_impl="full") == tokens * per_position
     for implementation in ("auto", "chunked", "fused"):
-        assert logits(loss_impl=implementation) == LOSS_CHUNK_POSITIONS * per_position
+        assert logits(loss_impl=implementation) == CHUNK_SIZE * per_position
     # OpenBMB's trainer: + a shifted fp32 copy of the logits, whatever --loss_impl says
     assert logits(pad_to_max=True, loss_impl="chunked") == tokens * 100 * (2 + 12)
     with pytest.raises(PlanError, match="--loss_impl must be"):
