@@ -108,8 +108,11 @@ def run_command(
     from minicpm_train.callbacks import ProgressCallback
     from minicpm_train.recipe import train
 
-    result = train(run, report=lambda m: console.print(m, highlight=False, markup=False),
-                   callbacks=(ProgressCallback(console),))
+    progress = ProgressCallback(console)
+    try:
+        result = train(run, report=lambda m: console.print(m, highlight=False, markup=False), callbacks=(progress,))
+    finally:
+        progress.stop()  # before an error line, if training stopped on one
     final = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
     console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
 

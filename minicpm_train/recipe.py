@@ -165,10 +165,13 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments).
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
+    from minicpm_train.callbacks import LossGuard
+
     resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
     training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
     training.setdefault("remove_unused_columns", False)
+    training.setdefault("logging_nan_inf_filter", False)  # a logged loss never averages a NaN away
     if "logging_steps" not in training:  # HF's 500 would leave a short run with no loss; the guide logs every 10
         training.update(logging_steps=10, logging_first_step=training.get("logging_first_step", True))
     if callbacks:
@@ -177,7 +180,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         training["eval_strategy"] = "no"
     args = TrainingArguments(**training)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+                      data_collator=collator, processing_class=tokenizer,
+                      callbacks=[LossGuard(train_summary.trained_tokens), *callbacks])  # garbage loss: error, no save
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 
@@ -240,9 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     run = ResolvedRun.from_dict(json.loads(Path(argv[0]).read_text()))
     rank_zero = os.environ.get("RANK", "0") == "0"
     report = print if rank_zero else (lambda message: None)
+    progress = ProgressCallback()
     try:
-        train(run, report=report, callbacks=(ProgressCallback(),) if rank_zero else (), under_launcher=True)
+        train(run, report=report, callbacks=(progress,) if rank_zero else (), under_launcher=True)
     except MinicpmError as error:  # every rank meets the same error: say it once, as the CLI would
+        progress.stop()
         if rank_zero:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
