@@ -270,6 +270,12 @@ def test_sparse_config_gives_one_notice(tiny_minicpm2, tiny_minicpm4, monkeypatc
     assert [str(w.message) for w in caught if w.category is SparseAttentionNotice] == [notice]
 
 
+def test_moe_config_is_refused_not_loaded_with_missing_experts():
+    with pytest.raises(ValueError, match="MiniCPM-MoE"):
+        MiniCPMForCausalLM(MiniCPMConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_experts=8, num_experts_per_tok=2))
+
+
 def test_config_reads_openbmb_rope_variants():
     assert MiniCPMConfig(rope_scaling=None).rope_type == "default"
     assert MiniCPMConfig(rope_scaling={"type": "linear", "factor": 2.0}).rope_type == "linear"

@@ -242,7 +242,6 @@ class MiniCPMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MiniCPMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -266,6 +265,9 @@ class MiniCPMModel(MiniCPMPreTrainedModel):
 
     def __init__(self, config: MiniCPMConfig) -> None:
         super().__init__(config)
+        if (getattr(config, "num_experts", None) or 1) > 1:  # MiniCPM-MoE-8x2B: expert weights this class lacks
+            raise ValueError("MiniCPM-MoE (num_experts in config.json) is not supported by the built-in MiniCPM "
+                             "class: it implements the dense MiniCPM-1/2/4 models")
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
