@@ -83,10 +83,10 @@ class MiniCPMConfig(PreTrainedConfig):
         scaling = self.rope_scaling or {}
         return scaling.get("rope_type", scaling.get("type", "default"))
 
-    def to_dict(self) -> dict:
+    def to_diff_dict(self) -> dict:
         """The config as saved; ``torch_dtype`` is written next to transformers 5's ``dtype``, since OpenBMB's
         code and older readers of a MiniCPM folder look for that key."""
-        output = super().to_dict()
+        output = super().to_diff_dict()
         if output.get("dtype") is not None:
             output["torch_dtype"] = output["dtype"]
         return output
