@@ -8,6 +8,7 @@ folders are rebuilt here (weights depend only on config and seed, not on ../shar
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -38,8 +39,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::minicpm_train.modeling.SparseAt
 def load(folder: Path, attn: str = "sdpa", **kwargs) -> MiniCPMForCausalLM:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn,
-                                                **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn, **kwargs)
+    assert model.config._attn_implementation == attn
+    return model.eval()
 
 
 def read_reference(path: Path) -> tuple[dict, dict]:
@@ -272,6 +274,33 @@ def test_sparse_config_gives_one_notice(tiny_minicpm2, tiny_minicpm4, monkeypatc
         load(tiny_minicpm4)
         load(tiny_minicpm4)
     assert [str(w.message) for w in caught if w.category is SparseAttentionNotice] == [notice]
+
+
+@pytest.mark.parametrize("shape", [
+    dict(num_attention_heads=6, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),  # 3 groups, head 64
+    dict(num_attention_heads=12, num_key_value_heads=1, rope_scaling={  # MQA, head 32, LongRoPE switching at 32
+        "rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [4.0] * 16,
+        "original_max_position_embeddings": 32}, max_position_embeddings=32, tie_word_embeddings=False),
+], ids=["gqa3-tied", "mqa-longrope"])
+def test_other_minicpm_shapes(shape):
+    """Configurations beyond the fixtures' (MiniCPM-1B's grouping, MQA): kernels and cache agree."""
+    torch.manual_seed(0)
+    config = MiniCPMConfig(vocab_size=512, hidden_size=384, intermediate_size=512, num_hidden_layers=2,
+                           scale_emb=12, scale_depth=1.4, dim_model_base=64, initializer_range=0.1, **shape)
+    models = {attn: MiniCPMForCausalLM._from_config(copy.deepcopy(config), attn_implementation=attn).eval()
+              for attn in ATTENTION}
+    assert models["sdpa"].config._attn_implementation == "sdpa"
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
+    input_ids = torch.randint(3, 512, (2, 24))
+    mask = torch.ones_like(input_ids)
+    mask[1, 17:] = 0
+    with torch.no_grad():
+        sdpa, eager = (models[attn](input_ids=input_ids, attention_mask=mask).logits for attn in ATTENTION)
+        settings = dict(input_ids=input_ids[:1], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+        cached = models["sdpa"].generate(**settings, use_cache=True)
+        uncached = models["sdpa"].generate(**settings, use_cache=False)
+    torch.testing.assert_close(sdpa[mask.bool()], eager[mask.bool()], rtol=0, atol=1e-4)
+    assert cached.tolist() == uncached.tolist()
 
 
 def test_moe_config_is_refused_not_loaded_with_missing_experts():

@@ -110,9 +110,8 @@ class MiniCPMRotaryEmbedding(nn.Module):
                 inv_freq = self._inverse_frequencies(base, x.device)
             freqs = positions * inv_freq
         elif self.rope_type == "longrope":
-            use_long = position_ids.max() + 1 > self.original_max_position_embeddings
-            if self.max_position_embeddings > self.original_max_position_embeddings:
-                use_long = torch.ones_like(use_long)
+            table_length = (position_ids.max() + 1).clamp(min=self.max_position_embeddings)
+            use_long = table_length > self.original_max_position_embeddings
             ext_factors = torch.where(use_long, self.long_factor, self.short_factor)
             freqs = (positions * (1.0 / ext_factors)) * inv_freq
         else:
