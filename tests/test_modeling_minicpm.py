@@ -127,9 +127,14 @@ def test_rope_buffers_initialised_by_from_pretrained(tiny_minicpm4, monkeypatch)
 
     config = MiniCPMConfig.from_pretrained(tiny_minicpm4)
     expected = build_rotary_buffers(config)
-    loaded = load(tiny_minicpm4).model.rotary_emb
+    model = load(tiny_minicpm4)
+    loaded = model.model.rotary_emb
     for name, value in expected.items():
         assert torch.equal(getattr(loaded, name), value), name
+    model.to(torch.bfloat16)  # DeepSpeed's bf16 casts the whole module: the frequencies must stay exact
+    for name, value in expected.items():
+        assert torch.equal(getattr(loaded, name), value), name
+    assert model.lm_head.weight.dtype == torch.bfloat16
     # the check can fail: without the model's own _init_weights the buffers are left as meta-device garbage
     from minicpm_train.modeling.modeling_minicpm import MiniCPMPreTrainedModel
 

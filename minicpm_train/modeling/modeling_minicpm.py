@@ -93,6 +93,16 @@ class MiniCPMRotaryEmbedding(nn.Module):
             buffers["long_factor"] = torch.tensor(scaling["long_factor"], dtype=torch.float32, device=device)
         return buffers
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model; a model-wide cast (``.to(torch.bfloat16)``, DeepSpeed's ``module.bfloat16()``)
+        would round the frequencies, and a rounded frequency's angle error grows with the position: recompute
+        them in float32 instead, as OpenBMB's float32 tables stay exact under such casts."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            for name, value in self.compute_buffers(self.inv_freq.device).items():
+                setattr(self, name, value)
+        return self
+
     def _inverse_frequencies(self, base: float, device=None) -> torch.Tensor:
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
 
