@@ -143,3 +143,20 @@ class LossGuard(TrainerCallback):
         value = "NaN" if math.isnan(loss) else "infinite"
         raise TrainingLossError(f"{what} is {value} at step {step}: stopped, nothing saved as a finished model; "
                                 f"{WHAT_TO_CHECK}")
+
+
+class TokenizerFiles(TrainerCallback):
+    """Puts the base model's tokenizer files, byte for byte, into every checkpoint the Trainer saves (its own
+    ``save_pretrained`` copy would reload as a different tokenizer for SentencePiece models)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def on_save(self, args, state, control, **kwargs):
+        from pathlib import Path
+
+        from minicpm_train.model import copy_tokenizer_files
+
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            copy_tokenizer_files(self.source, checkpoint)

@@ -241,6 +241,22 @@ def check(env: Environment) -> list[Check]:
     return checks + _gpu_checks(env) + _package_checks(env) + _deepspeed_checks(env) + _bnb_check(env)
 
 
+def model_check(folder: str, *, trust_remote_code: bool = False) -> Check:
+    """Which class a model folder loads with: the built-in MiniCPM class, transformers' own, or its remote code."""
+    from minicpm_data.errors import MinicpmError
+    from minicpm_train.model import loading_notices, model_class, read_model_config
+
+    try:
+        config = read_model_config(folder, trust_remote_code=trust_remote_code)
+    except MinicpmError as error:
+        return Check("model class", folder, "fail", str(error))
+    loads_with = model_class(config, trust_remote_code=trust_remote_code)
+    advice = "; ".join(loading_notices(config, trust_remote_code=trust_remote_code))
+    if loads_with.source == "remote code":
+        advice = advice or "runs the folder's own Python code, written for the transformers version it names"
+    return Check("model class", str(loads_with), "warn" if loads_with.source == "remote code" else "ok", advice)
+
+
 def overall(checks: list[Check]) -> str:
     """``fail`` if any check fails, else ``warn`` if any warns, else ``ok``."""
     verdicts = {c.verdict for c in checks}

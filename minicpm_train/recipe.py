@@ -120,6 +120,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     from minicpm_train import model as models
 
     model_config = models.read_model_config(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
+    for notice in models.loading_notices(model_config, trust_remote_code=options.trust_remote_code):
+        report(f"note: {notice}")
 
     tokenizer = load_tokenizer(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -165,7 +167,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments).
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from minicpm_train.callbacks import LossGuard
+    from minicpm_train.callbacks import LossGuard, TokenizerFiles
 
     resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
@@ -181,7 +183,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     args = TrainingArguments(**training)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=collator, processing_class=tokenizer,
-                      callbacks=[LossGuard(train_summary.trained_tokens), *callbacks])  # garbage loss: error, no save
+                      callbacks=[LossGuard(train_summary.trained_tokens),  # garbage loss: an error, no save
+                                 TokenizerFiles(options.model_name_or_path), *callbacks])
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 
@@ -193,10 +196,10 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         at_end = last is not None and last["step"] == trainer.state.global_step
         metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if at_end else trainer.evaluate())
 
-    # 6. Save: weights (adapter or full model), tokenizer with its chat template, what was run, what was seen.
+    # 6. Save: weights (adapter or full model), the tokenizer's files as loaded, what was run, what was seen.
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
+        models.copy_tokenizer_files(options.model_name_or_path, output_dir)
         _write_outputs(output_dir, run, args.to_sanitized_dict(), metrics, train_summary, eval_summary,
                        trainer.state.log_history)
     return RunResult(output_dir, trainer.model, metrics, train_summary, eval_summary, trainer.state.log_history)
