@@ -95,8 +95,8 @@ class MiniCPMRotaryEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Moves follow the model; a model-wide cast (``.to(torch.bfloat16)``, DeepSpeed's ``module.bfloat16()``)
-        would round the frequencies, and a rounded frequency's angle error grows with the position: recompute
-        them in float32 instead, as OpenBMB's float32 tables stay exact under such casts."""
+        would round the frequencies, and a rounded frequency's angle error grows with the position (OpenBMB's
+        cos/sin tables only lose a bounded amount), so they are recomputed in float32 instead."""
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
             for name, value in self.compute_buffers(self.inv_freq.device).items():
