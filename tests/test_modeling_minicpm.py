@@ -319,3 +319,8 @@ def test_config_reads_openbmb_rope_variants():
     assert MiniCPMConfig(rope_scaling={"type": "linear", "factor": 2.0}).rope_type == "linear"
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
         MiniCPMConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="lacks original_max_position_embeddings"):
+        MiniCPMConfig(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64})
+    with pytest.raises(ValueError, match="short_factor has 3 values; this model's head size 128 needs 64"):
+        MiniCPMConfig(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 64,
+                                    "original_max_position_embeddings": 4096})

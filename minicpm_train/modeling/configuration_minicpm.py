@@ -72,6 +72,23 @@ class MiniCPMConfig(PreTrainedConfig):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {self.rope_type!r} for MiniCPM; expected one of "
                              f"{', '.join(ROPE_TYPES)}")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        """The keys OpenBMB's rotary classes read, present and of the right shape."""
+        scaling = self.rope_scaling or {}
+        if self.rope_type in ("linear", "dynamic") and not isinstance(scaling.get("factor"), (int, float)):
+            raise ValueError(f"rope_scaling {self.rope_type!r} needs a numeric 'factor', got {scaling.get('factor')!r}")
+        if self.rope_type != "longrope":
+            return
+        missing = [key for key in ("short_factor", "long_factor", "original_max_position_embeddings")
+                   if key not in scaling]
+        if missing:
+            raise ValueError(f"rope_scaling 'longrope' lacks {', '.join(missing)}")
+        for key in ("short_factor", "long_factor"):
+            if len(scaling[key]) != self.head_dim // 2:
+                raise ValueError(f"rope_scaling {key} has {len(scaling[key])} values; this model's head size "
+                                 f"{self.head_dim} needs {self.head_dim // 2}")
 
     @property
     def head_dim(self) -> int:
