@@ -73,9 +73,7 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool) -> dict:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     loads_with = model_class(config, trust_remote_code=trust_remote_code)
     if loads_with is BUILT_IN:
-        from minicpm_train.modeling import register_minicpm
-
-        register_minicpm()
+        _check_built_in_config(folder, config)
     elif trust_remote_code:
         _check_remote_code_files(folder, config)
     if loads_with is None or (loads_with.source == "remote code" and not trust_remote_code):
@@ -83,6 +81,22 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool) -> dict:
         raise ModelError(f"{folder}: model type {config.get('model_type')!r} is not in transformers and runs "
                          f"{needs} from the folder; add --trust_remote_code if you trust that code")
     return config
+
+
+def _check_built_in_config(folder: Path, config: dict) -> None:
+    """Register the built-in MiniCPM class and check it can build this config (one line if not)."""
+    from minicpm_train.modeling import MiniCPMConfig, register_minicpm
+
+    register_minicpm()
+    if (config.get("num_experts") or 1) > 1:
+        raise ModelError(f"{folder}: MiniCPM-MoE (num_experts {config['num_experts']}) is not supported: the built-in "
+                         "MiniCPM class implements the dense MiniCPM-1/2/4 models, and OpenBMB's own code for it "
+                         "does not run under transformers 5")
+    try:
+        MiniCPMConfig.from_dict(config)
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"{folder}: config.json does not describe a MiniCPM model the built-in class can build: "
+                         f"{error}") from None
 
 
 def loading_notices(config: dict, *, trust_remote_code: bool) -> list[str]:

@@ -120,6 +120,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     from minicpm_train import model as models
 
     model_config = models.read_model_config(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
+    report(f"model: {models.model_class(model_config, trust_remote_code=options.trust_remote_code)}")
     for notice in models.loading_notices(model_config, trust_remote_code=options.trust_remote_code):
         report(f"note: {notice}")
 

@@ -115,6 +115,7 @@ def test_qlora_through_the_cli(tiny_minicpm2, tiny_minicpm4, tmp_path, data_cach
         assert code == 0, err
         assert falling(eval_losses(json.loads((output / "metrics.json").read_text())["log_history"]))
         flat = " ".join(out.split())
+        assert "model: minicpm_train.modeling.MiniCPMForCausalLM: the built-in MiniCPM class" in flat
         if trust and (base / "modeling_minicpm.py").is_file():
             assert flat.count("loads with the built-in MiniCPM class") == 1
         assert flat.count("sparse_config") == (1 if base == tiny_minicpm4 else 0)
@@ -170,3 +171,35 @@ def test_two_cpu_ranks_zero3_on_minicpm4(tiny_minicpm4, tmp_path, data_cache):
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "minicpm" and config["rope_scaling"]["rope_type"] == "longrope"
     assert (output / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_experts": 8}, "MiniCPM-MoE (num_experts 8) is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope_scaling type 'yarn'"),
+])
+def test_minicpm_configs_the_built_in_class_cannot_build_are_one_line_errors(change, message, tiny_minicpm2, tmp_path,
+                                                                            monkeypatch, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_minicpm2, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    code, _, err = run_cli(monkeypatch, capsys, "chat", str(folder), "--prompt", "hi")
+    assert code == 1 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_sizes_minicpm_folders_and_names(tiny_minicpm4, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from minicpm_train.model_sizes import resolve_architecture
+
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", str(tiny_minicpm4), "--use_lora",
+                             "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    weights = load_file(tiny_minicpm4 / "model.safetensors")  # the folder's own config, untied head included
+    assert report["parameters"] == sum(tensor.numel() for tensor in weights.values())
+    assert report["settings"]["lora_targets"] == ["q_proj", "v_proj"]
+    four_one, _ = resolve_architecture("openbmb/MiniCPM4.1-8B")
+    assert four_one.parameters().total == resolve_architecture("MiniCPM4-8B")[0].parameters().total
+    assert (four_one.num_kv_heads, four_one.tie_word_embeddings) == (2, False)

@@ -308,3 +308,14 @@ def test_forced_layouts(fixture_tokenizers):
                                       chat_template=MINICPM_CHATML_TEMPLATE)
     assert not text.startswith("<s>") and sample.input_ids == chatml(text)["input_ids"]
     assert sample.labels == _expected_labels(chatml, CASES[1], "<|im_end|>", template=MINICPM_CHATML_TEMPLATE)
+
+
+def test_ocnli_records_count_as_minicpm2b_template_renders_them(minicpm2b, shared_dir):
+    """The guide's own data: every OCNLI record is the template's tokens plus the trained </s>, no more."""
+    from minicpm_data.io import read_conversations
+
+    records = [c for _, c in read_conversations(shared_dir / "realdata" / "minicpm" / "ocnli_public_chatml" / "dev.json")]
+    for conversation, sample in zip(records, render_many(records, minicpm2b)):
+        _, expected = _template_ids(minicpm2b, conversation)
+        assert sample.input_ids == expected + [minicpm2b.eos_token_id]
+        assert sample.num_tokens == len(expected) + 1
