@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from minicpm_train.launch import NCCL_CONSUMER_ENV, Device
 
 # Lowest versions the toolkit is written against (transformers 5 APIs: dtype=, processing_class=,
-# eval_strategy; MiniCPM3 native since 5.13). None: only reported.
-MINIMUM_VERSIONS = {"transformers": "5.0", "peft": "0.14", "deepspeed": "0.15", "bitsandbytes": "0.45",
+# eval_strategy; MiniCPM3 native since 5.13; the built-in MiniCPM class follows 5.24's Llama). None: only reported.
+MINIMUM_VERSIONS = {"transformers": "5.24", "peft": "0.14", "deepspeed": "0.15", "bitsandbytes": "0.45",
                     "accelerate": "1.0", "torch": "2.4"}
 OPTIONAL = {"deepspeed": "--deepspeed", "bitsandbytes": "--qlora"}
 GUIDE_MIN_CAPABILITY = (7, 5)  # the guide: RTX 20 series or newer
