@@ -138,6 +138,8 @@ def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
     from minicpm_data.tokenizer import TOKENIZER_FILES
 
     source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        return
     for name in TOKENIZER_FILES:
         if name in ("config.json", "generation_config.json"):
             continue
