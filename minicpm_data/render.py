@@ -10,10 +10,11 @@ Layouts (``template``):
   ``tokenizer(tokenizer.apply_chat_template(messages, tokenize=False))``. ``<s>`` comes from the
   tokenizer (MiniCPM3/4) or from the template (MiniCPM5); it is never doubled. Trained: every
   assistant turn's content and its closing ``<|im_end|>``.
-- ``minicpm2`` (MiniCPM-1/2): ``<s>`` + system text + ``<用户>{user}<AI>{assistant}`` per turn, markers
-  as plain text, then ``</s>`` after the final assistant turn. Trained: every assistant content, and
-  the final ``</s>``. Middle assistant turns end with nothing (the next ``<用户>`` follows directly),
-  as in MiniCPM-2's own chat history, so inference sees the layout training saw.
+- ``minicpm2`` (MiniCPM-1/2): MiniCPM-2B's own chat template, ``<用户>{user}<AI>`` for a user turn and
+  the bare content for any other role, every content ``.strip()``-ed as the template does; ``<s>`` from
+  the tokenizer, then ``</s>`` after the final assistant turn. Trained: every assistant content, and the
+  final ``</s>``. Middle assistant turns end with nothing (the next ``<用户>`` follows directly), as in
+  MiniCPM-2's own chat history, so inference sees the layout training saw.
 
 Which assistant turns are trained: all of them (``train_on="all"``, the default) or only the final one
 (``"last"``); a message's own ``train`` flag (``false``: never, ``true``: always) wins over ``train_on``.
@@ -169,7 +170,7 @@ def render_prompt(conversation: Conversation, tokenizer: Any, template: str | No
     """Ids of a conversation without its answer, ending with the assistant generation prompt."""
     layout = _layout(tokenizer, template)
     shape = layout.shape(tuple(m.role for m in conversation.messages), True, conversation)
-    ids = layout.encode([_join(shape.parts, [m.content for m in conversation.messages])])[0].ids
+    ids = layout.encode([_join(shape.parts, layout.contents(conversation.messages))])[0].ids
     _drop_double_bos(ids, layout.bos_id)
     return ids
 
@@ -203,6 +204,10 @@ class _Layout:
 
     def build_parts(self, roles: tuple[str, ...], generation_prompt: bool, example: Conversation) -> list[str]:
         raise NotImplementedError
+
+    def contents(self, messages: Sequence[Any]) -> list[str]:
+        """The message contents as the layout writes them."""
+        return [m.content for m in messages]
 
     def closing(self, following_part: str) -> int:
         """How many characters of the part after an assistant content are trained with it."""
@@ -260,7 +265,8 @@ class _ChatML(_Layout):
 class _MiniCPM2(_Layout):
     name = "minicpm2"
     final_eos = True
-    _markers = {"system": "", "user": USER_MARKER, "assistant": AI_MARKER}
+    # What MiniCPM-2B's template writes before and after each role's (stripped) content.
+    _around = {"system": ("", ""), "user": (USER_MARKER, AI_MARKER), "assistant": ("", "")}
 
     def __init__(self, tokenizer: Any):
         super().__init__(tokenizer)
@@ -268,10 +274,19 @@ class _MiniCPM2(_Layout):
             raise TokenizerError(f"tokenizer {_name(tokenizer)} has no eos token for the minicpm2 layout")
 
     def build_parts(self, roles: tuple[str, ...], generation_prompt: bool, example: Conversation) -> list[str]:
-        unknown = sorted(set(roles) - set(self._markers))
+        unknown = sorted(set(roles) - set(self._around))
         if unknown:
             raise InputError(f"the minicpm2 layout has no place for role(s) {', '.join(unknown)}")
-        return [self._markers[role] for role in roles] + [AI_MARKER if generation_prompt else ""]
+        parts, after = [], ""
+        for role in roles:
+            before, next_after = self._around[role]
+            parts.append(after + before)
+            after = next_after
+        # The template has no generation prompt: a user turn already ends with <AI>.
+        return parts + [after or (AI_MARKER if generation_prompt else "")]
+
+    def contents(self, messages: Sequence[Any]) -> list[str]:
+        return [m.content.strip() for m in messages]
 
     def closing(self, following_part: str) -> int:
         return 0
@@ -345,10 +360,10 @@ def _prepare_batch(conversations: list[Conversation], layout: _Layout,
     """The text of each conversation, where its trained spans and its messages end (characters), and
     whether a final eos follows (``None``: no; else whether it is trained)."""
     texts, plans = [], []
-    shapes, shape_of = layout.shapes, layout.shape
+    shapes, shape_of, contents_of = layout.shapes, layout.shape, layout.contents
     for conversation in conversations:
         messages = conversation.messages
-        contents = [m.content for m in messages]
+        contents = contents_of(messages)
         roles = tuple([m.role for m in messages])
         shape = shapes.get((roles, False)) or shape_of(roles, False, conversation)
         texts.append(_join(shape.parts, contents))

@@ -147,8 +147,11 @@ def run_command(
     from minicpm_train.callbacks import ProgressCallback
     from minicpm_train.recipe import train
 
-    result = train(run, report=lambda m: console.print(m, highlight=False, markup=False),
-                   callbacks=(ProgressCallback(console),))
+    progress = ProgressCallback(console)
+    try:
+        result = train(run, report=lambda m: console.print(m, highlight=False, markup=False), callbacks=(progress,))
+    finally:
+        progress.stop()  # before an error line, if training stopped on one
     final = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
     console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
 
@@ -278,17 +281,30 @@ def plan_command(
         _show_plan(report)
 
 
+_ADAPTER = typer.Option(None, "--adapter", help="A LoRA adapter folder (a LoRA run's output or checkpoint).")
+_TRUST = typer.Option(False, "--trust_remote_code", help="Allow the model folder's own Python code to run.")
+_TEMPLATE = typer.Option(None, "--template", help="Chat layout: chatml or minicpm2 (default: detected).")
+
+
 @_command("doctor", help="Check what a run depends on: Python, torch/CUDA, GPUs, bf16, NCCL, DeepSpeed ops, "
-                         "bitsandbytes, library versions.")
-def doctor_command(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+                         "bitsandbytes, library versions; with --model, the class the folder loads with.")
+def doctor_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+    model: str = typer.Option(None, "--model", help="A model folder: say which class it loads with (built-in "
+                                                    "MiniCPM, transformers' own, or its remote code)."),
+    trust_remote_code: bool = _TRUST,
+) -> None:
     import dataclasses
     import json
 
     from rich.table import Table
 
-    from minicpm_train.doctor import check, gather, overall
+    from minicpm_train.doctor import check, gather, model_check, overall
 
     checks = check(gather())
+    if model:
+        with _quiet_loading():
+            checks.append(model_check(model, trust_remote_code=trust_remote_code))
     verdict = overall(checks)
     if as_json:
         print(json.dumps({"verdict": verdict, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
@@ -303,11 +319,6 @@ def doctor_command(as_json: bool = typer.Option(False, "--json", help="Print the
         console.print(f"[{_VERDICT_STYLE[verdict]}]overall: {verdict}[/]", highlight=False)
     if verdict == "fail":
         raise typer.Exit(1)
-
-
-_ADAPTER = typer.Option(None, "--adapter", help="A LoRA adapter folder (a LoRA run's output or checkpoint).")
-_TRUST = typer.Option(False, "--trust_remote_code", help="Allow the model folder's own Python code to run.")
-_TEMPLATE = typer.Option(None, "--template", help="Chat layout: chatml or minicpm2 (default: detected).")
 
 
 @_command("merge", help="Merge a LoRA adapter into its base: a full model folder plain transformers loads.")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from minicpm_train.launch import NCCL_CONSUMER_ENV, Device
 
 # Lowest versions the toolkit is written against (transformers 5 APIs: dtype=, processing_class=,
-# eval_strategy; MiniCPM3 native since 5.13). None: only reported.
-MINIMUM_VERSIONS = {"transformers": "5.0", "peft": "0.14", "deepspeed": "0.15", "bitsandbytes": "0.45",
+# eval_strategy; MiniCPM3 native since 5.13; the built-in MiniCPM class follows 5.24's Llama). None: only reported.
+MINIMUM_VERSIONS = {"transformers": "5.24", "peft": "0.14", "deepspeed": "0.15", "bitsandbytes": "0.45",
                     "accelerate": "1.0", "torch": "2.4"}
 OPTIONAL = {"deepspeed": "--deepspeed", "bitsandbytes": "--qlora"}
 GUIDE_MIN_CAPABILITY = (7, 5)  # the guide: RTX 20 series or newer
@@ -239,6 +239,22 @@ def check(env: Environment) -> list[Check]:
     checks.append(Check("CUDA (torch build)", env.torch_cuda or "none (CPU build)",
                         "ok" if env.torch_cuda else "info"))
     return checks + _gpu_checks(env) + _package_checks(env) + _deepspeed_checks(env) + _bnb_check(env)
+
+
+def model_check(folder: str, *, trust_remote_code: bool = False) -> Check:
+    """Which class a model folder loads with: the built-in MiniCPM class, transformers' own, or its remote code."""
+    from minicpm_data.errors import MinicpmError
+    from minicpm_train.model import loading_notices, model_class, read_model_config
+
+    try:
+        config = read_model_config(folder, trust_remote_code=trust_remote_code)
+    except MinicpmError as error:
+        return Check("model class", folder, "fail", str(error))
+    loads_with = model_class(config, trust_remote_code=trust_remote_code)
+    advice = "; ".join(loading_notices(config, trust_remote_code=trust_remote_code))
+    if loads_with.source == "remote code":
+        advice = advice or "runs the folder's own Python code, written for the transformers version it names"
+    return Check("model class", str(loads_with), "warn" if loads_with.source == "remote code" else "ok", advice)
 
 
 def overall(checks: list[Check]) -> str:

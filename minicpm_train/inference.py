@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minicpm_train.model import DTYPES, ModelError, read_model_config
+from minicpm_train.model import DTYPES, ModelError, from_pretrained, loading_notices, read_model_config
 
 _LORA_WEIGHT = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")  # a saved LoRA A or B matrix
 
@@ -100,19 +100,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def tokenizer_folder(base: Path, adapter: Path | None) -> Path:
+    """Where the tokenizer comes from: the run's copy next to its adapter, else the base model's."""
+    return adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
+
+
 def load_tokenizer_for(base: Path, adapter: Path | None, *, trust_remote_code: bool):
-    """The tokenizer the run saved next to its adapter, else the base model's."""
+    """The tokenizer of :func:`tokenizer_folder`."""
     from minicpm_data.tokenizer import load_tokenizer
 
-    source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
-    return load_tokenizer(str(source), trust_remote_code=trust_remote_code)
+    return load_tokenizer(str(tokenizer_folder(base, adapter)), trust_remote_code=trust_remote_code)
 
 
 def load_model(model: str | Path, adapter: str | Path | None = None, *, trust_remote_code: bool = False,
                dtype: str | None = None, device: str | None = None) -> LoadedModel:
     """The base model with the adapter applied (not merged), in eval mode, plus its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per load is noise in a chat terminal
@@ -122,13 +125,12 @@ def load_model(model: str | Path, adapter: str | Path | None = None, *, trust_re
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, DTYPES[dtype]),
-                                                  local_files_only=True, trust_remote_code=trust_remote_code)
-    notices = []
+    loaded = from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code)
+    notices = loading_notices(config, trust_remote_code=trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
-        notices = check_adapter(loaded, base, adapter)
+        notices += check_adapter(loaded, base, adapter)
         loaded = PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
     loaded.to(device).eval()
     tokenizer = load_tokenizer_for(base, adapter, trust_remote_code=trust_remote_code)

@@ -10,8 +10,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minicpm_train.inference import load_model, resolve_folders
-from minicpm_train.model import DTYPES, ModelError
+from minicpm_train.inference import load_model, resolve_folders, tokenizer_folder
+from minicpm_train.model import DTYPES, ModelError, copy_tokenizer_files
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -35,9 +35,21 @@ def _saved_dtype(config: dict, requested: str | None) -> str:
     return _DTYPE_NAMES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), "fp32")
 
 
+def _keep_modelling_files(base: Path, output_dir: Path, config: dict) -> None:
+    """The modelling files the base's ``auto_map`` points at, so OpenBMB's own code and vLLM (with
+    trust_remote_code) still read the merged folder."""
+    if config.get("auto_map"):
+        for source in base.glob("*.py"):
+            shutil.copy2(source, output_dir / source.name)
+
+
 def merge_adapter(model: str | Path, adapter: str | Path | None, output_dir: str | Path, *, dtype: str | None = None,
                   trust_remote_code: bool = False, overwrite: bool = False) -> MergeResult:
-    """Write base + adapter as a full model folder (safetensors, config, tokenizer with its chat template)."""
+    """Write base + adapter as a full model folder (safetensors, config, tokenizer with its chat template).
+
+    The base's format is kept: its config keys, its modelling ``.py`` files when ``auto_map`` names them,
+    and the tokenizer's files byte for byte (``tokenizer.model`` too, which llama.cpp's converter reads).
+    """
     import torch
 
     output_dir = Path(output_dir)
@@ -57,10 +69,8 @@ def merge_adapter(model: str | Path, adapter: str | Path | None, output_dir: str
     merged = merged.to(getattr(torch, DTYPES[saved]))
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(output_dir))
-    loaded.tokenizer.save_pretrained(str(output_dir))
-    if trust_remote_code:  # a custom-code model needs its modelling files next to the config's auto_map
-        for source in base.glob("*.py"):
-            shutil.copy2(source, output_dir / source.name)
+    copy_tokenizer_files(tokenizer_folder(base, adapter_dir), output_dir)  # the tokenizer the adapter trained with
+    _keep_modelling_files(base, output_dir, loaded.config)
     parameters = sum(p.numel() for p in merged.parameters())
     files = sorted(p.name for p in output_dir.iterdir() if p.is_file())
     return MergeResult(output_dir, base, adapter_dir, saved, parameters, files, loaded.notices)

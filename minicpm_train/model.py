@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm_data.errors import MinicpmError
@@ -20,24 +22,131 @@ class ModelError(MinicpmError):
     """The model folder cannot be loaded as asked."""
 
 
+@dataclass(frozen=True)
+class ModelClass:
+    """Which implementation a model folder loads with."""
+
+    source: str  # "built-in" (this project's), "transformers" (its own class) or "remote code" (the folder's)
+    name: str  # the class, or the folder's auto_map reference
+
+    def __str__(self) -> str:
+        what = {"built-in": "the built-in MiniCPM class", "transformers": "transformers' own class",
+                "remote code": "the folder's own code (--trust_remote_code)"}[self.source]
+        return f"{self.name}: {what}"
+
+
+BUILT_IN = ModelClass("built-in", "minicpm_train.modeling.MiniCPMForCausalLM")
+
+
+def model_class(config: dict, *, trust_remote_code: bool) -> ModelClass | None:
+    """The class ``AutoModelForCausalLM`` will use for a folder's config (None: nothing can load it).
+
+    ``model_type "minicpm"`` (MiniCPM-1/2/4) always loads with the built-in class, even with
+    ``--trust_remote_code``; otherwise the folder's own code wins when it is trusted, as in transformers.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from minicpm_train.modeling import MODEL_TYPE
+
+    model_type = config.get("model_type")
+    remote = config.get("auto_map", {}).get("AutoModelForCausalLM")
+    if model_type == MODEL_TYPE:
+        return BUILT_IN
+    if remote and trust_remote_code:
+        return ModelClass("remote code", remote)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return ModelClass("transformers", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    return ModelClass("remote code", remote) if remote else None
+
+
 def read_model_config(path: str | Path, *, trust_remote_code: bool) -> dict:
-    """The folder's ``config.json``, after checking the folder exists and whether it needs its own code."""
+    """The folder's ``config.json``, after checking the folder exists and that a class can load it.
+
+    A folder of a built-in model type gets the built-in class registered with the Auto classes here, so
+    everything that loads it afterwards (model, tokenizer, config) runs none of the folder's own code.
+    """
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelError(f"model folder not found or has no config.json: {folder} (models load offline from a "
                          f"local folder: download it first, e.g. `hf download {_hub_repo(str(path))} --local-dir DIR`)")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    from transformers import CONFIG_MAPPING
-
-    if trust_remote_code:
+    loads_with = model_class(config, trust_remote_code=trust_remote_code)
+    if loads_with is BUILT_IN:
+        _check_built_in_config(folder, config)
+    elif trust_remote_code:
         _check_remote_code_files(folder, config)
-    native = config.get("model_type") in CONFIG_MAPPING
-    if not native and not trust_remote_code:
-        needs = config.get("auto_map", {}).get("AutoModelForCausalLM", "its own modelling code")
+    if loads_with is None or (loads_with.source == "remote code" and not trust_remote_code):
+        needs = loads_with.name if loads_with else "its own modelling code"
         raise ModelError(f"{folder}: model type {config.get('model_type')!r} is not in transformers and runs "
                          f"{needs} from the folder; add --trust_remote_code if you trust that code")
     return config
+
+
+def _check_built_in_config(folder: Path, config: dict) -> None:
+    """Register the built-in MiniCPM class and check it can build this config (one line if not)."""
+    from minicpm_train.modeling import MiniCPMConfig, register_minicpm
+
+    register_minicpm()
+    if (config.get("num_experts") or 1) > 1:
+        raise ModelError(f"{folder}: MiniCPM-MoE (num_experts {config['num_experts']}) is not supported: the built-in "
+                         "MiniCPM class implements the dense MiniCPM-1/2/4 models, and OpenBMB's own code for it "
+                         "does not run under transformers 5")
+    try:
+        MiniCPMConfig.from_dict(config)
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"{folder}: config.json does not describe a MiniCPM model the built-in class can build: "
+                         f"{error}") from None
+
+
+def loading_notices(config: dict, *, trust_remote_code: bool) -> list[str]:
+    """What the user should know about how a folder loads: the built-in class replacing the folder's code
+    asked for by --trust_remote_code, and dense attention replacing MiniCPM4's sparse attention."""
+    if model_class(config, trust_remote_code=trust_remote_code) is not BUILT_IN:
+        return []
+    from types import SimpleNamespace
+
+    from minicpm_train.modeling import sparse_attention_notice
+
+    notices = []
+    if trust_remote_code and config.get("auto_map"):
+        notices.append(f"--trust_remote_code: model type {config['model_type']!r} loads with the built-in MiniCPM "
+                       f"class; the folder's own {config['auto_map'].get('AutoModelForCausalLM', 'code')} is not run")
+    sparse = sparse_attention_notice(SimpleNamespace(sparse_config=config.get("sparse_config")))
+    return notices + ([sparse] if sparse else [])
+
+
+def from_pretrained(folder: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained``, offline; the sparse-attention notice is left to
+    :func:`loading_notices` (shown once with the run's other notices, not as a Python warning)."""
+    from transformers import AutoModelForCausalLM
+
+    from minicpm_train.modeling import SparseAttentionNotice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparseAttentionNotice)
+        return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
+    """Make ``target``'s tokenizer files those of ``source``, byte for byte (the model's config excluded).
+
+    Reloading them gives exactly the tokenizer that was used. ``save_pretrained`` does not round-trip a
+    tokenizer converted from a SentencePiece ``tokenizer.model`` (MiniCPM-1/2/4 downloads): it drops
+    ``legacy``, and the reloaded one splits the text after special tokens differently from training.
+    """
+    from minicpm_data.tokenizer import TOKENIZER_FILES
+
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if name in ("config.json", "generation_config.json"):
+            continue
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+        else:
+            (target / name).unlink(missing_ok=True)  # a file the source lacks would change how it loads
 
 
 def _check_remote_code_files(folder: Path, config: dict) -> None:
@@ -100,11 +209,9 @@ def load_base_model(options, *, precision: str, device: str, quantize_4bit: bool
     stay float32 (the optimizer's masters under mixed precision).
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     compute_dtype = getattr(torch, DTYPES[precision])
-    kwargs = dict(local_files_only=True, trust_remote_code=options.trust_remote_code,
-                  dtype=compute_dtype if options.use_lora else torch.float32)
+    kwargs = dict(trust_remote_code=options.trust_remote_code, dtype=compute_dtype if options.use_lora else torch.float32)
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -112,7 +219,7 @@ def load_base_model(options, *, precision: str, device: str, quantize_4bit: bool
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype)  # follows --bf16 / --fp16, not a fixed fp16
         kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(options.model_name_or_path, **kwargs)
+    return from_pretrained(options.model_name_or_path, **kwargs)
 
 
 def prepare_4bit_for_training(model, *, device: str, gradient_checkpointing: bool):

@@ -120,6 +120,9 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     from minicpm_train import model as models
 
     model_config = models.read_model_config(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
+    report(f"model: {models.model_class(model_config, trust_remote_code=options.trust_remote_code)}")
+    for notice in models.loading_notices(model_config, trust_remote_code=options.trust_remote_code):
+        report(f"note: {notice}")
 
     tokenizer = load_tokenizer(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -167,6 +170,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     #    loss goes chunk by chunk (or a fused kernel) through lm_head: no [batch, length, vocab] logits.
     from transformers import PrinterCallback, TrainingArguments
 
+    from minicpm_train.callbacks import LossGuard, TokenizerFiles
     from minicpm_train.loss import make_trainer, resolve_loss
     from minicpm_train.memory import MemoryCallback, memory_record
 
@@ -179,6 +183,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
     training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
     training.setdefault("remove_unused_columns", False)
+    training.setdefault("logging_nan_inf_filter", False)  # a logged loss never averages a NaN away
     if "logging_steps" not in training:  # HF's 500 would leave a short run with no loss; the guide logs every 10
         training.update(logging_steps=10, logging_first_step=training.get("logging_first_step", True))
     if callbacks:
@@ -187,8 +192,11 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         training["eval_strategy"] = "no"
     args = TrainingArguments(**training)
     memory = MemoryCallback()  # peak GPU memory per rank; measures nothing on CPU
+    guard = LossGuard(train_summary.trained_tokens)  # garbage loss: an error, no save
     trainer = make_trainer(loss, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                           data_collator=collator, processing_class=tokenizer, callbacks=[*callbacks, memory])
+                           data_collator=collator, processing_class=tokenizer,
+                           callbacks=[guard, TokenizerFiles(options.model_name_or_path), *callbacks, memory])
+    guard.watch(trainer)
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 
@@ -200,11 +208,11 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         at_end = last is not None and last["step"] == trainer.state.global_step
         metrics.update({k: v for k, v in last.items() if k.startswith("eval_")} if at_end else trainer.evaluate())
 
-    # 6. Save: weights (adapter or full model), tokenizer with its chat template, what was run, what was seen;
+    # 6. Save: weights (adapter or full model), the tokenizer's files as loaded, what was run, what was seen;
     # on GPUs also the planned vs measured memory, in one line.
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
+        models.copy_tokenizer_files(options.model_name_or_path, output_dir)
         measured = memory_record(run, memory.ranks) if memory.ranks else None
         if measured:
             report(measured["summary"])
@@ -258,9 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     run = ResolvedRun.from_dict(json.loads(Path(argv[0]).read_text()))
     rank_zero = os.environ.get("RANK", "0") == "0"
     report = print if rank_zero else (lambda message: None)
+    progress = ProgressCallback()
     try:
-        train(run, report=report, callbacks=(ProgressCallback(),) if rank_zero else (), under_launcher=True)
+        train(run, report=report, callbacks=(progress,) if rank_zero else (), under_launcher=True)
     except MinicpmError as error:  # every rank meets the same error: say it once, as the CLI would
+        progress.stop()
         if rank_zero:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

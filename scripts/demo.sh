@@ -30,8 +30,8 @@ minicpm-data stats "$out/nli/train.json" "$out/nli/dev.json" "$out/sharegpt.json
 step "inspect: the trained tokens of one sample"
 minicpm-data inspect "$out/nli/train.json" --tokenizer fixtures/tokenizers/chatml --index 0
 
-step "a tiny random-init MiniCPM5-style model to train"
-python fixtures/build_tiny_models.py "$out/tiny-model"
+step "a tiny random-init MiniCPM4-architecture model (model_type minicpm, OpenBMB's folder layout) to train"
+python fixtures/build_tiny_models.py "$out/tiny-model" --kind minicpm4 --tokenizer-dir fixtures/tokenizers/chatml
 
 step "plan: memory per GPU for this run"
 minicpm-train plan --model_name_or_path "$out/tiny-model" --per_device_train_batch_size 8 \

@@ -49,7 +49,6 @@ def _template_ids(tokenizer, conversation, generation_prompt=False, template=Non
 
 
 CHATML_HEADER = "<|im_start|>{role}\n"
-MINICPM2_HEADER = {"system": "", "user": "<用户>", "assistant": "<AI>"}
 
 
 def _expected_labels(tokenizer, conversation, closing, template=None, trained=None):
@@ -59,11 +58,14 @@ def _expected_labels(tokenizer, conversation, closing, template=None, trained=No
     ``trained``: the indices of the trained messages (default: every assistant message).
     """
     text, _ = _template_ids(tokenizer, conversation, template=template)
-    spans, cursor = [], 0
+    spans, cursor, previous = [], 0, None
     for index, message in enumerate(conversation.messages):
-        header = CHATML_HEADER.format(role=message.role) if closing else MINICPM2_HEADER[message.role]
-        start = text.index(header + message.content, cursor) + len(header)
-        end = start + len(message.content)
+        header = (CHATML_HEADER.format(role=message.role) if closing
+                  else "<用户>" if message.role == "user" else "<AI>" if previous == "user" else "")
+        previous = message.role
+        content = message.content if closing else message.content.strip()  # MiniCPM-2's template strips
+        start = text.index(header + content, cursor) + len(header)
+        end = start + len(content)
         if message.role == "assistant" and (trained is None or index in trained):
             spans.append((start, end + len(closing)))
         cursor = end
@@ -154,6 +156,47 @@ def test_minicpm2_layout(fixture_tokenizers):
         assert sample.input_ids.count(tokenizer.eos_token_id) == 1
     text, _ = _template_ids(tokenizer, CASES[1])
     assert text == "You are a helpful assistant.<用户>What is 2+2?<AI>4"
+
+
+@pytest.fixture(scope="module")
+def minicpm2b(shared_dir):
+    return load_tokenizer(str(shared_dir / "tokenizers" / "minicpm2b"))
+
+
+STRIPPED_CASES = CASES + [
+    conv(("system", " 系统 \n"), ("user", " 前提：他们在下棋。\n假设：他们在玩。 "), ("assistant", " 蕴含 \n"),
+         ("user", "\t再来 "), ("assistant", "\n 中立")),
+    conv(("user", "u1"), ("user", " u2 "), ("assistant", "a"), ("system", " s "), ("assistant", " b ")),
+]
+
+
+def test_minicpm2_equals_minicpm2b_chat_template_token_for_token(minicpm2b):
+    """The real MiniCPM-2B tokenizer: ids are its template's (contents stripped) + a trained </s>; one <s>."""
+    tokenizer = minicpm2b
+    assert detect_template(tokenizer) == "minicpm2"
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    for conversation in STRIPPED_CASES:
+        sample = render(conversation, tokenizer)
+        text, expected = _template_ids(tokenizer, conversation)
+        assert sample.input_ids == expected + [eos]
+        assert sample.labels == _expected_labels(tokenizer, conversation, "") + [eos]
+        assert sample.input_ids[0] == bos and sample.input_ids.count(bos) == 1
+        assert sample.labels[-1] == eos and sample.input_ids.count(eos) == 1
+        assert sample.num_tokens == len(expected) + 1
+    # The trained text is exactly each stripped answer (where an answer's first character merges with
+    # the <AI> marker's last piece, that token is trained too: the model has to produce it).
+    sample = render(STRIPPED_CASES[-2], tokenizer)
+    trained = tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX])
+    assert trained == "蕴含中立</s>"
+
+
+def test_minicpm2_prompt_equals_minicpm2b_template(minicpm2b):
+    """Chat and eval prompts are the template's rendering up to the user's <AI>, with the guide's marker ids."""
+    prompt = conv(("system", " s "), ("user", " 你好 😀 "))
+    text, expected = _template_ids(minicpm2b, prompt)
+    assert text == "s<用户>你好 😀<AI>"
+    ids = render_prompt(prompt, minicpm2b)
+    assert ids == expected and ids[-2:] == [10850, 95388]  # "AI>", as OpenBMB's finetune.py hard-codes it
 
 
 PROMPT = conv(("system", "s"), ("user", "你好 😀"))
@@ -302,3 +345,14 @@ def test_forced_layouts(fixture_tokenizers):
                                       chat_template=MINICPM_CHATML_TEMPLATE)
     assert not text.startswith("<s>") and sample.input_ids == chatml(text)["input_ids"]
     assert sample.labels == _expected_labels(chatml, CASES[1], "<|im_end|>", template=MINICPM_CHATML_TEMPLATE)
+
+
+def test_ocnli_records_count_as_minicpm2b_template_renders_them(minicpm2b, shared_dir):
+    """The guide's own data: every OCNLI record is the template's tokens plus the trained </s>, no more."""
+    from minicpm_data.io import read_conversations
+
+    records = [c for _, c in read_conversations(shared_dir / "realdata" / "minicpm" / "ocnli_public_chatml" / "dev.json")]
+    for conversation, sample in zip(records, render_many(records, minicpm2b)):
+        _, expected = _template_ids(minicpm2b, conversation)
+        assert sample.input_ids == expected + [minicpm2b.eos_token_id]
+        assert sample.num_tokens == len(expected) + 1

@@ -145,11 +145,12 @@ def test_model_needing_custom_code_says_trust_remote_code(tmp_path, tiny_llama, 
         if item.is_file():
             (custom / item.name).write_bytes(item.read_bytes())
     config = json.loads((custom / "config.json").read_text())
-    config.update(model_type="minicpm", auto_map={"AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"})
+    # (model_type "minicpm" is built in: a custom type of some other vendor still needs its code)
+    config.update(model_type="vendor_lm", auto_map={"AutoModelForCausalLM": "modeling_vendor.VendorForCausalLM"})
     (custom / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="modeling_minicpm.MiniCPMForCausalLM.*add --trust_remote_code"):
+    with pytest.raises(ModelError, match="modeling_vendor.VendorForCausalLM.*add --trust_remote_code"):
         run_in_process(task_argv(custom, tmp_path / "o", data_cache, steps=2))
-    with pytest.raises(ModelError, match="runs the folder's own code, but modeling_minicpm.py is not there"):
+    with pytest.raises(ModelError, match="runs the folder's own code, but modeling_vendor.py is not there"):
         run_in_process(task_argv(custom, tmp_path / "o", data_cache, "--trust_remote_code", steps=2))
     with pytest.raises(ModelError, match="model folder not found.*hf download openbmb/MiniCPM4-0.5B"):
         run_in_process(task_argv(tmp_path / "missing", tmp_path / "o", data_cache, steps=2))

@@ -33,6 +33,19 @@ def tiny_minicpm3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_minicpm2(tmp_path_factory) -> Path:
+    """A MiniCPM-2B-style folder (model_type "minicpm": MHA, tied head, rope_scaling null), laid out as
+    OpenBMB's download: their .py files, auto_map and the real tokenizer when ../shared is present."""
+    return _build("minicpm2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_minicpm4(tmp_path_factory) -> Path:
+    """A MiniCPM4-style folder (model_type "minicpm": GQA, untied head, LongRoPE, sparse_config)."""
+    return _build("minicpm4", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tokenized")
 
