@@ -77,25 +77,26 @@ def test_non_finite_eval_and_logged_losses_are_errors(value, word):
 
 
 def test_every_forward_loss_of_a_step_is_checked():
-    """A NaN in any micro-batch of an accumulated step stops the run at that step, not at the next log."""
+    """A NaN in any micro-batch of an accumulated step stops the run at that step, not at the next log,
+    whichever way the trainer computes its loss (the guard watches the trainer's compute_loss)."""
     import torch
-    from transformers.modeling_outputs import CausalLMOutput
 
     from minicpm_train.callbacks import TrainingLossError
 
-    class Model(torch.nn.Module):
-        def forward(self, loss):
-            return CausalLMOutput(loss=loss)
+    class Trainer:  # compute_loss as transformers' Trainer calls it; the "inputs" are the loss itself
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return (inputs, {"loss": inputs}) if return_outputs else inputs
 
-    model = Model().train()
+    model, trainer = torch.nn.Linear(1, 1).train(), Trainer()
     guard, context = _guard()
+    guard.watch(trainer)
     guard.on_train_begin(*context, model=model)
-    model(torch.tensor(1.0))
+    assert trainer.compute_loss(model, torch.tensor(1.0)) == 1.0
     guard.on_step_end(*context)
-    model(torch.tensor(0.5))
-    model(torch.tensor(float("inf")))
-    model.eval()(torch.tensor(float("nan")))  # evaluation forwards are judged by eval_loss instead
+    trainer.compute_loss(model, torch.tensor(0.5), num_items_in_batch=4)
+    loss, _ = trainer.compute_loss(model, torch.tensor(float("inf")), return_outputs=True)
+    assert loss.isinf()
+    trainer.compute_loss(model.eval(), torch.tensor(float("nan")))  # evaluation is judged by eval_loss instead
     with pytest.raises(TrainingLossError, match="^loss is infinite at step 3"):
         guard.on_step_end(*context)
-    model.train()(torch.tensor(float("nan")))
-    guard.on_step_end(*context)  # the hook is gone once the run stopped
+    guard.on_step_end(*context)  # the step's losses were consumed: nothing left to judge

@@ -137,7 +137,12 @@ def dev_batch(tokenizer_dir: Path, count: int = 8):
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     dataset, _ = load_supervised(TASK_DEV, tokenizer, max_length=MAX_LENGTH, cache_dir=tokenizer_dir / ".cache")
-    return PaddingCollator(tokenizer.pad_token_id)([dataset[i] for i in range(count)])
+    return PaddingCollator(pad_id(tokenizer))([dataset[i] for i in range(count)])
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with, as the recipe chooses it (MiniCPM-2B's tokenizer has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def logits(model, batch):
