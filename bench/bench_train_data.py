@@ -46,16 +46,25 @@ SMALL = 1000
 CLI = str(Path(sys.executable).with_name("minicpm-train"))
 
 
+# Runs the command and reports its exit code, wall seconds and peak RSS. A go-between, because Linux keeps
+# the high-water RSS of the memory a process had before exec: a command started straight from this
+# (large) process would report this process's peak as its own.
+_MEASURE = """
+import json, os, subprocess, sys, time
+start = time.monotonic()
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+print(json.dumps([os.waitstatus_to_exitcode(status), time.monotonic() - start, usage.ru_maxrss * 1024]))
+"""
+
+
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command, which must succeed."""
-    start = time.monotonic()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}\n{output.decode(errors='replace')[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    """Wall seconds and peak RSS (bytes) of one command, which must succeed (else its output is shown)."""
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, env=env)
+    code, seconds, peak = json.loads(result.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}\n{(result.stdout + result.stderr)[-3000:]}")
+    return seconds, peak
 
 
 def ours(model: Path, data: Path, out: Path, cache: Path, packing: bool) -> tuple[float, float, int, int]:

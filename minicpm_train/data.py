@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import inspect
@@ -482,6 +483,24 @@ def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
 
 
 # --- batching -----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def trainer_class() -> type:
+    """transformers' ``Trainer``, with length grouping that takes sample lengths from the datasets' offsets
+    (its own reads every row once, which costs seconds at millions of samples)."""
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class MappedDataTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths.tolist())
+
+    return MappedDataTrainer
 
 
 def _pad_right(rows: list, value: int, longest: int):

@@ -126,7 +126,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
 
     # 2. Data: each file validated and rendered in one streaming pass by the one renderer into a memory-mapped
     #    cache (the local main process renders, other ranks wait and map it); untrainable samples dropped, counted.
-    from minicpm_train.data import PackingCollator, PaddingCollator, load_data, mix, named_sets, pack
+    from minicpm_train.data import PackingCollator, PaddingCollator, load_data, mix, named_sets, pack, trainer_class
 
     render_progress = next((c.render_progress for c in callbacks if hasattr(c, "render_progress")), None)
 
@@ -167,7 +167,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         report(f"{'QLoRA' if options.qlora else 'LoRA'}: {trainable:,} trainable of {total:,} parameters")
 
     # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments).
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
     resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
@@ -180,8 +180,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     if eval_set is None:
         training["eval_strategy"] = "no"
     args = TrainingArguments(**training)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+    trainer = trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                              data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 

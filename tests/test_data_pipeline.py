@@ -292,3 +292,27 @@ def test_independent_processes_render_once_and_map_the_same_cache(tiny_llama, tm
     assert [output.count("rendering") for output in outputs] == [0, 1]
     assert json.loads(outputs[0].splitlines()[-1]) == json.loads(outputs[1].splitlines()[-1])
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_trainer_groups_by_length_from_the_offsets_without_reading_rows(tiny_llama, tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from minicpm_train.data import trainer_class
+
+    dataset, _ = load_supervised(TASK_TRAIN, tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path)
+
+    class Unread(SupervisedDataset):
+        def __getitem__(self, index):
+            raise AssertionError("a row was read to learn its length")
+
+    unread = Unread(dataset.ids, dataset.trained, dataset.offsets)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
+                             train_sampling_strategy="group_by_length", report_to="none")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    sampler = trainer_class()(model=model, args=args, train_dataset=unread)._get_train_sampler()
+    torch.manual_seed(0)
+    ours = list(sampler)
+    torch.manual_seed(0)
+    assert ours == list(LengthGroupedSampler(4, dataset=dataset))  # what the Trainer's own sampler gives
