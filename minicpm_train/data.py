@@ -229,6 +229,8 @@ def load_data(spec: str, tokenizer, *, max_length: int, cache_dir: str | Path | 
             dataset = MixedDataset([dataset], weighted_picks(len(dataset), weight))
         summary.epoch_samples = len(dataset)
         loaded.append((dataset, summary))
+    if not any(len(dataset) for dataset, _ in loaded):
+        raise DataError(f"{spec}: every weight is 0, which leaves no sample to use")
     if len(loaded) == 1:
         return loaded, loaded[0][1]
     summaries = [summary for _, summary in loaded]

@@ -250,10 +250,11 @@ def test_several_files_folders_globs_and_weights(tokenizer, tmp_path):
     ("missing.json", "data file not found: missing.json"),
     ("{dir}/*.csv", "no .json or .jsonl file matches"),
     ("{dir}:-1", "weight after ':' must be a number >= 0"),
+    ("{train}:0", "every weight is 0, which leaves no sample to use"),
 ])
 def test_bad_data_specs_are_one_line_errors(tokenizer, tmp_path, spec, message):
     with pytest.raises(DataError, match=message):
-        load_data(spec.format(dir=tmp_path), tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path)
+        load_data(spec.format(dir=tmp_path, train=TASK_TRAIN), tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path)
 
 
 def test_an_invalid_file_among_several_is_named(tokenizer, tmp_path):
@@ -316,3 +317,21 @@ def test_trainer_groups_by_length_from_the_offsets_without_reading_rows(tiny_lla
     ours = list(sampler)
     torch.manual_seed(0)
     assert ours == list(LengthGroupedSampler(4, dataset=dataset))  # what the Trainer's own sampler gives
+
+
+def test_render_bar_shows_rates_against_the_estimated_total_and_goes_when_done():
+    import io
+
+    from rich.console import Console
+
+    from minicpm_train.callbacks import ProgressCallback
+    from minicpm_train.data import RenderProgress
+
+    display = ProgressCallback(Console(file=io.StringIO(), force_terminal=True))
+    display.render_progress(RenderProgress("data/train.json", 1024, 70_000, 2560))
+    display.render_progress(RenderProgress("data/train.json", 2048, 140_000, 2560))
+    task = display._rendering.tasks[0]
+    assert (task.description, task.completed, task.total) == ("train.json", 2048, 2560)
+    assert "samples/s" in task.fields["rates"] and "tok/s" in task.fields["rates"]
+    display.render_progress(RenderProgress("data/train.json", 2600, 182_000, 2600, finished=True))
+    assert display._rendering is None  # a later file gets a bar of its own
