@@ -31,8 +31,8 @@ def _reference_collator(pad_token_id: int):
     pad_to_longest = PaddingCollator(pad_token_id)
 
     def collate(features):
-        padded = [{"input_ids": f["input_ids"] + [pad_token_id] * (MAX_LENGTH - len(f["input_ids"])),
-                   "labels": f["labels"] + [-100] * (MAX_LENGTH - len(f["labels"]))} for f in features]
+        padded = [{"input_ids": list(f["input_ids"]) + [pad_token_id] * (MAX_LENGTH - len(f["input_ids"])),
+                   "labels": list(f["labels"]) + [-100] * (MAX_LENGTH - len(f["labels"]))} for f in features]
         batch = pad_to_longest(padded)
         for row, feature in enumerate(features):  # the padding is masked out of attention, as there
             batch["attention_mask"][row, len(feature["input_ids"]):] = 0

@@ -193,12 +193,45 @@ def _iter_json(path: Path, encoding: str | None) -> Iterator[RawRecord]:
     layout = json_layout(path, encoding)
     if layout == "lines":
         return _iter_json_lines(path, encoding)
+    if layout == "list" and _starts_as_utf8(path, encoding):
+        return _iter_json_list(path, encoding)
     data = _load_whole_json(path, encoding)
     if layout == "object":
         return iter([RawRecord(0, None, data)])
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of records")
     return (RawRecord(index, None, item) for index, item in enumerate(data))
+
+
+def _starts_as_utf8(path: Path, encoding: str | None) -> bool:
+    """Whether a file is UTF-8 as far as its first non-ASCII bytes show (or ``encoding`` says so)."""
+    if encoding is not None:
+        return encoding in ("utf-8", "utf-8-sig")
+    with open(path, "rb") as handle:
+        head = handle.read(_READ_BYTES + _SNIFF_BYTES)
+    bom = _bom_encoding(head)
+    return bom == "utf-8-sig" or (bom is None and (head.isascii() or _sniff(head, path) == "utf-8"))
+
+
+def _iter_json_list(path: Path, encoding: str | None) -> Iterator[RawRecord]:
+    """The records of a UTF-8 JSON list, parsed as they are read (ijson's C parser): memory stays flat in the
+    file size. Where the streaming parser stops (broken JSON, a late non-UTF-8 byte), the whole file is
+    parsed as :func:`_load_whole_json` does, which names the line of the error, or reads what streaming
+    could not; records already yielded are not yielded again."""
+    import ijson
+
+    done = 0
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+                handle.seek(0)
+            for item in ijson.items(handle, "item", use_float=True, buf_size=_READ_BYTES):
+                yield RawRecord(done, None, item)
+                done += 1
+            return
+    except ijson.JSONError:
+        data = _load_whole_json(path, encoding)
+    yield from (RawRecord(index, None, item) for index, item in enumerate(data[done:], done))
 
 
 def _decode_json(data: bytes | str, path: Path, line: int | None = None) -> Any:

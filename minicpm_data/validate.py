@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minicpm_data.conversation import ROLES
 from minicpm_data.errors import FormatError, InputError
+
+if TYPE_CHECKING:
+    from minicpm_data.io import RawRecord
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "messages.schema.json"
 
@@ -123,6 +126,15 @@ def _schema_message(error) -> str:
 
 def validate_file(path: str | Path) -> list[Problem]:
     """Every problem in a target-format ``.json`` (list) or ``.jsonl`` file; empty when it is valid."""
+    problems: list[Problem] = []
+    for _ in valid_records(path, problems):
+        pass
+    return problems
+
+
+def valid_records(path: str | Path, problems: list[Problem]) -> Iterator[RawRecord]:
+    """Stream the records of a target-format file that have no problem, in one pass, appending every
+    problem found (in records, or with the file as a whole) to ``problems``."""
     from minicpm_data.io import RecordParseError, iter_raw_records, json_layout, require_file
 
     path = Path(path)
@@ -130,23 +142,28 @@ def validate_file(path: str | Path) -> list[Problem]:
     try:
         require_file(path)
         if path.suffix.lower() not in (".json", ".jsonl"):
-            return [Problem(name, None, None, "", "not a .json or .jsonl file")]
+            problems.append(Problem(name, None, None, "", "not a .json or .jsonl file"))
+            return
         layout = json_layout(path)
         if layout == "object":
-            return [Problem(name, None, None, "", "top level is a single object; expected a JSON list of records")]
-        problems, records = [], 0
+            problems.append(Problem(name, None, None, "", "top level is a single object; expected a JSON list of records"))
+            return
+        records = 0
         for records, raw in enumerate(iter_raw_records(path), 1):
             prefix = f"/{raw.index}" if layout == "list" else ""
-            problems.extend(Problem(name, raw.index, raw.line, prefix + pointer, message)
-                            for pointer, message in record_problems(raw.data))
+            found = [Problem(name, raw.index, raw.line, prefix + pointer, message)
+                     for pointer, message in record_problems(raw.data)]
+            if found:
+                problems.extend(found)
+            else:
+                yield raw
         if not records:  # nothing to train on (JSON Lines without records: only blank lines)
             message = "no records: the list is empty" if layout == "list" else "file is empty"
-            return [Problem(name, None, None, "", message)]
-        return problems
+            problems[:] = [Problem(name, None, None, "", message)]
     except RecordParseError as error:
-        return [Problem(name, None, error.line, "", error.detail)]
+        problems[:] = [Problem(name, None, error.line, "", error.detail)]
     except InputError as error:
-        return [Problem(name, None, None, "", str(error).removeprefix(f"{name}: "))]
+        problems[:] = [Problem(name, None, None, "", str(error).removeprefix(f"{name}: "))]
 
 
 def require_valid(path: str | Path) -> None:
@@ -155,7 +172,11 @@ def require_valid(path: str | Path) -> None:
     The message is one line: ``FILE: N problem(s) in record(s) 1, 4; first: <problem>; see all with:
     minicpm-data validate FILE``, or the problem alone when it is about the whole file (unreadable, empty).
     """
-    problems = validate_file(path)
+    raise_for_problems(path, validate_file(path))
+
+
+def raise_for_problems(path: str | Path, problems: list[Problem]) -> None:
+    """Raise :func:`require_valid`'s :class:`FormatError` for ``problems`` found in ``path`` (none: return)."""
     if not problems:
         return
     if len(problems) == 1 and problems[0].index is None:

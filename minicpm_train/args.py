@@ -49,8 +49,11 @@ class RunOptions:
     """Options of ``minicpm-train run`` beyond HF ``TrainingArguments`` (the guide's finetune.py ones first)."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Local model folder."})
-    train_data_path: str | None = field(default=None, metadata={"help": "Converted JSON or JSONL training file."})
-    eval_data_path: str | None = field(default=None, metadata={"help": "Converted JSON or JSONL evaluation file."})
+    train_data_path: str | None = field(default=None, metadata={
+        "help": "Converted JSON or JSONL training file(s): comma-separated files, folders or globs, each with an "
+                "optional :WEIGHT (times each sample is seen per epoch)."})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "Converted JSON or JSONL evaluation file(s), as --train_data_path; each file gets its own loss."})
     model_max_length: int = field(default=512, metadata={"help": "Longest sample in tokens; longer ones are truncated."})
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     qlora: bool = field(default=False, metadata={"help": "LoRA over a 4-bit (nf4) quantised base model."})

@@ -1,10 +1,11 @@
-"""Training callbacks: a Rich progress bar (loss, learning rate, tokens per second, ETA), and the loss guard
-that stops a run whose loss is garbage."""
+"""Training callbacks: Rich progress bars for rendering the data (samples/s, tokens/s, ETA) and for the steps
+(loss, learning rate, tokens per second, ETA), and the loss guard that stops a run whose loss is garbage."""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -27,6 +28,24 @@ class ProgressCallback(TrainerCallback):
         self._step_started = 0.0
         self._step_seconds = 0.0
         self._tokens_at = (0.0, 0)  # (step seconds, num_input_tokens_seen) at the previous log
+        self._rendering: Progress | None = None
+
+    def render_progress(self, update) -> None:
+        """Show a data file's rendering (a ``minicpm_train.data.RenderProgress``); the bar goes when it ends."""
+        if self._rendering is None:
+            self._rendering = Progress(
+                TextColumn("[bold]render[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rates]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console, transient=True)
+            self._rendering.start()
+            self._rendering.add_task(Path(update.file).name, total=update.total, rates="")
+        task = self._rendering.tasks[0]
+        elapsed = max(task.elapsed or 0.0, 1e-6)
+        self._rendering.update(task.id, completed=update.samples, total=max(update.total or 0, update.samples),
+                               rates=f"{update.samples / elapsed:,.0f} samples/s  {update.tokens / elapsed:,.0f} tok/s")
+        if update.finished:
+            self._rendering.stop()
+            self._rendering = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress = Progress(

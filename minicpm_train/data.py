@@ -1,30 +1,53 @@
-"""Training data: validated conversations rendered by the one renderer, cached, batched with little padding.
+"""Training data: validated conversations rendered once by the one renderer into a memory-mapped cache.
 
-- :func:`load_supervised` validates the file, renders every conversation with
-  ``minicpm_data.render.render_many`` (the same ids, labels and truncation that ``minicpm-data stats``
-  shows), drops samples with no trained token left (counted), and caches the result keyed by the data
-  file's content, the tokenizer, the template, the truncation policy and ``model_max_length``.
+- :func:`load_supervised` streams a data file in one pass that validates every record and renders the
+  valid ones with ``minicpm_data.render.render_stream`` (the same ids, labels and truncation that
+  ``minicpm-data stats`` shows), drops samples with no trained token left (counted), and writes the
+  cache as it goes: token ids (the smallest integer type that holds the vocabulary), a one-byte
+  trained-token mask (labels are the ids where trained, -100 elsewhere) and per-sample offsets, in a
+  temporary folder renamed into place at the end, so a killed run leaves nothing a later run trusts.
+  The key covers the file's content, the tokenizer, the template, the render options, ``model_max_length``
+  and the cache format. A file lock makes one process render while the others (other ranks, other
+  nodes on a shared filesystem) wait and then map the same files; the local main process goes first.
+- :class:`SupervisedDataset` reads rows lazily from those arrays; lengths and the summary come from the
+  offsets alone.
+- :func:`load_data` takes ``a.json,b.jsonl``, folders and globs, with optional per-file weights
+  (``a.json:2``: every sample of a.json twice per epoch; ``b.json:0.5``: a fixed random half).
 - :class:`PaddingCollator` pads a batch to its longest sample, not to ``model_max_length``.
-- :func:`pack` + :class:`PackingCollator`: several samples per row; each sample's ``position_ids``
-  restart at 0 and there is no 2D attention mask, so transformers builds a block-diagonal causal mask
-  (``masking_utils.find_packed_sequence_indices``, only when no cache is in use) and packed samples
-  never attend to each other.
+- :func:`pack` + :class:`PackingCollator`: several samples per row, first-fit decreasing in
+  O(n log n); each sample's ``position_ids`` restart at 0 and there is no 2D attention mask, so
+  transformers builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``,
+  only when no cache is in use) and packed samples never attend to each other.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import inspect
 import json
 import os
-from dataclasses import asdict, dataclass
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minicpm_data.errors import MinicpmError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 IGNORE_INDEX = -100
-CACHE_VERSION = 1
+CACHE_FORMAT = 2  # the on-disk layout; part of the cache key, so another layout is never misread
+DATA_SUFFIXES = (".json", ".jsonl")
+LOCAL_MAIN_HEAD_START = 30.0  # seconds other local ranks leave the local main process to take the lock first
+_WRITE_BATCH = 4096  # samples per write to the cache files
+_PROGRESS_EVERY = 1024  # samples per progress report
 
 
 class DataError(MinicpmError):
@@ -33,7 +56,7 @@ class DataError(MinicpmError):
 
 @dataclass
 class DataSummary:
-    """What became of a data file on its way to the trainer."""
+    """What became of a data file (or of several, summed, with each in ``files``) on its way to the trainer."""
 
     path: str
     records: int
@@ -44,30 +67,246 @@ class DataSummary:
     trained_tokens: int
     max_length: int
     from_cache: bool = False
+    weight: float = 1.0  # how many times each used sample is seen per epoch
+    epoch_samples: int = 0  # samples per epoch after weighting
+    files: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """The one-line report of the run's data section."""
+        weighted = f", weight {self.weight:g} ({self.epoch_samples} per epoch)" if self.weight != 1 else ""
+        return (f"data {self.path}: {self.used} samples used, {self.dropped_no_trained_tokens} dropped "
+                f"(no trained token left), {self.truncated} truncated, {self.tokens} tokens "
+                f"({self.trained_tokens} trained){weighted}{' [cached]' if self.from_cache else ''}")
+
+
+@dataclass(frozen=True)
+class RenderProgress:
+    """Where rendering of one file stands: samples and tokens so far, ``total`` samples (estimated, or None)."""
+
+    file: str
+    samples: int
+    tokens: int
+    total: int | None
+    finished: bool = False
+
+
+Progress = Callable[[RenderProgress], None]
+
+
+# --- datasets -----------------------------------------------------------------------------------------
+
 
 class SupervisedDataset:
-    """Rendered samples as a map-style dataset of ``{"input_ids", "labels"}`` lists."""
+    """Samples as flat token ids, a trained-token mask and ``len + 1`` offsets (numpy arrays, memory-mapped
+    from the cache); a row becomes ``{"input_ids", "labels"}`` (int64 arrays) only when read."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
-        self.input_ids = input_ids
-        self.labels = labels
+    def __init__(self, ids: "np.ndarray", trained: "np.ndarray", offsets: "np.ndarray"):
+        self.ids, self.trained, self.offsets = ids, trained, offsets
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.offsets) - 1
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        start, end = self.offsets[index], self.offsets[index + 1]
+        ids = self.ids[start:end].astype(np.int64)
+        return {"input_ids": ids, "labels": np.where(self.trained[start:end], ids, IGNORE_INDEX)}
 
     @property
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.input_ids]
+    def lengths(self) -> "np.ndarray":
+        import numpy as np
+
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_samples(cls, input_ids: list[list[int]], labels: list[list[int]]) -> "SupervisedDataset":
+        """An in-memory dataset of rendered samples (labels: the id where trained, -100 elsewhere)."""
+        import numpy as np
+
+        offsets = np.cumsum([0, *map(len, input_ids)], dtype=np.int64)
+        flat_ids = np.fromiter(chain.from_iterable(input_ids), np.int64, int(offsets[-1]))
+        flat_labels = np.fromiter(chain.from_iterable(labels), np.int64, int(offsets[-1]))
+        return cls(flat_ids, flat_labels != IGNORE_INDEX, offsets)
 
 
-# --- loading and caching ----------------------------------------------------------------------------
+class MixedDataset:
+    """Rows of several datasets, picked by index: ``picks`` numbers the parts' rows one after another."""
+
+    def __init__(self, parts: list, picks: "np.ndarray"):
+        import numpy as np
+
+        self.parts, self.picks = parts, picks
+        self.starts = np.cumsum([0, *map(len, parts)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        row = int(self.picks[index])
+        part = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.parts[part][row - int(self.starts[part])]
+
+    @property
+    def lengths(self) -> "np.ndarray":
+        import numpy as np
+
+        return np.concatenate([part.lengths for part in self.parts])[self.picks]
+
+
+# --- files, weights -----------------------------------------------------------------------------------
+
+
+def data_files(spec: str) -> list[tuple[Path, float]]:
+    """``(file, weight)`` for a ``--train_data_path`` / ``--eval_data_path`` value: comma-separated files,
+    folders (their .json / .jsonl files) or globs, each with an optional ``:WEIGHT`` (default 1)."""
+    files = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, weight = _split_weight(item)
+        if any(char in name for char in "*?["):
+            matches = [Path(match) for match in sorted(glob.glob(name)) if Path(match).suffix.lower() in DATA_SUFFIXES]
+            if not matches:
+                raise DataError(f"no .json or .jsonl file matches {name}")
+        elif Path(name).is_dir():
+            matches = sorted(p for p in Path(name).iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
+            if not matches:
+                raise DataError(f"{name}: folder has no .json or .jsonl file")
+        elif Path(name).is_file():
+            matches = [Path(name)]
+        else:
+            raise DataError(f"data file not found: {name}")
+        files += [(match, weight) for match in matches]
+    if not files:
+        raise DataError(f"no data file named in {spec!r}")
+    return files
+
+
+def _split_weight(item: str) -> tuple[str, float]:
+    """``a.json:2`` -> ``("a.json", 2.0)``; a colon that is part of an existing path is left alone."""
+    name, colon, weight = item.rpartition(":")
+    if not colon or Path(item).exists():
+        return item, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return item, 1.0
+    if not value >= 0 or value == float("inf"):
+        raise DataError(f"{item}: the weight after ':' must be a number >= 0")
+    return name, value
+
+
+def weighted_picks(size: int, weight: float, seed: int = 0) -> "np.ndarray":
+    """Row indices for one epoch of a file of ``size`` samples: every row ``int(weight)`` times, plus a
+    fixed (seeded) random share of the rows for the fraction, in file order."""
+    import numpy as np
+
+    whole = int(weight)
+    extra = round((weight - whole) * size)
+    sampled = np.sort(np.random.default_rng(seed).choice(size, extra, replace=False)) if extra else np.empty(0, np.int64)
+    return np.concatenate([np.tile(np.arange(size, dtype=np.int64), whole), sampled.astype(np.int64)])
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def load_data(spec: str, tokenizer, *, max_length: int, cache_dir: str | Path | None = None,
+              **options: Any) -> tuple[list[tuple[Any, DataSummary]], DataSummary]:
+    """Load every file of ``spec`` (see :func:`data_files`): per file its weighted dataset and summary,
+    and the summary of them all (the single file's own when there is one). ``options``: as :func:`load_supervised`."""
+    loaded = []
+    for path, weight in data_files(spec):
+        dataset, summary = load_supervised(path, tokenizer, max_length=max_length, cache_dir=cache_dir, **options)
+        summary.weight = weight
+        if weight != 1:
+            dataset = MixedDataset([dataset], weighted_picks(len(dataset), weight))
+        summary.epoch_samples = len(dataset)
+        loaded.append((dataset, summary))
+    if not any(len(dataset) for dataset, _ in loaded):
+        raise DataError(f"{spec}: every weight is 0, which leaves no sample to use")
+    if len(loaded) == 1:
+        return loaded, loaded[0][1]
+    summaries = [summary for _, summary in loaded]
+    counted = ("records", "used", "dropped_no_trained_tokens", "truncated", "tokens", "trained_tokens", "epoch_samples")
+    total = DataSummary(path=spec, max_length=max_length, from_cache=all(s.from_cache for s in summaries),
+                        files=[s.to_dict() for s in summaries],
+                        **{name: sum(getattr(s, name) for s in summaries) for name in counted})
+    return loaded, total
+
+
+def mix(loaded: list[tuple[Any, DataSummary]]):
+    """One training set of :func:`load_data`'s files (each already weighted)."""
+    import numpy as np
+
+    if len(loaded) == 1:
+        return loaded[0][0]
+    parts = [dataset for dataset, _ in loaded]
+    return MixedDataset(parts, np.arange(sum(map(len, parts)), dtype=np.int64))
+
+
+def named_sets(loaded: list[tuple[Any, DataSummary]]) -> dict[str, Any]:
+    """:func:`load_data`'s datasets by name (the file name without extension, made unique), for evaluation."""
+    names: dict[str, Any] = {}
+    for dataset, summary in loaded:
+        stem = name = Path(summary.path).stem
+        while name in names:
+            name = f"{stem}_{len(names)}"
+        names[name] = dataset
+    return names
+
+
+def load_supervised(path: str | Path, tokenizer, *, template: str | None = None, max_length: int,
+                    truncation: str = "right", render_options: Mapping[str, Any] | None = None,
+                    cache_dir: str | Path | None = None, local_main: bool = True,
+                    on_progress: Progress | None = None) -> tuple[SupervisedDataset, DataSummary]:
+    """Validate and render one data file into the cache (or map the cache another process wrote).
+
+    ``render_options``: further keyword options of the renderer (part of the cache key).
+    ``local_main``: this is the node's local main process (it takes the lock first; others wait and map).
+    ``on_progress``: called while rendering, after each batch.
+    """
+    from filelock import FileLock, Timeout
+
+    from minicpm_data.render import detect_template
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    template = template or detect_template(tokenizer)
+    render_options = dict(render_options or {})
+    folder = Path(cache_dir or default_cache_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / cache_key(path, tokenizer, template=template, max_length=max_length, truncation=truncation,
+                                render_options=render_options)
+    if target.is_dir():
+        return _open_cache(target)
+    lock = FileLock(f"{target}.lock")
+    if not local_main:  # let the local main process render (it shows the progress bar); map what it writes
+        deadline = time.monotonic() + LOCAL_MAIN_HEAD_START
+        while not target.is_dir() and time.monotonic() < deadline:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                break  # someone renders: wait for them below
+            lock.release()
+            time.sleep(0.2)
+    with lock:
+        if target.is_dir():
+            return _open_cache(target)
+        for stale in folder.glob(f"{target.name}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        _render_into(target, path, tokenizer, template=template, max_length=max_length, truncation=truncation,
+                     render_options=render_options, on_progress=on_progress)
+    dataset, summary = _open_cache(target)
+    summary.from_cache = False
+    return dataset, summary
 
 
 def _sha256_file(path: Path) -> str:
@@ -97,9 +336,12 @@ def _renderer_fingerprint() -> str:
     return hashlib.sha256(inspect.getsource(render).encode()).hexdigest()
 
 
-def cache_key(path: Path, tokenizer, *, template: str, max_length: int, truncation: str, train_on: str = "all") -> str:
-    parts = [str(CACHE_VERSION), _sha256_file(path), tokenizer_fingerprint(tokenizer), template,
-             str(max_length), truncation, train_on, _renderer_fingerprint()]
+def cache_key(path: Path, tokenizer, *, template: str, max_length: int, truncation: str,
+              render_options: Mapping[str, Any] | None = None) -> str:
+    """The cache folder name of one file rendered one way."""
+    parts = [f"format {CACHE_FORMAT}", _sha256_file(path), tokenizer_fingerprint(tokenizer), template,
+             str(max_length), truncation, json.dumps(dict(render_options or {}), sort_keys=True, default=str),
+             _renderer_fingerprint()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -108,78 +350,169 @@ def default_cache_dir() -> Path:
     return Path(base) / "minicpm-finetune" / "tokenized"
 
 
-def _save_cache(target: Path, dataset: SupervisedDataset, summary: DataSummary) -> None:
+def id_dtype(vocabulary_size: int) -> str:
+    """The smallest unsigned integer type that holds every token id."""
+    return "uint16" if vocabulary_size <= 1 << 16 else "uint32"
+
+
+def count_records(path: Path) -> int | None:
+    """How many records a target-format file holds, for a progress bar's ETA: its ``"messages"`` keys,
+    counted in the bytes without parsing (a string value cannot hold the sequence unescaped); None
+    when there is none to count (e.g. a UTF-16 file)."""
+    count, tail, needle = 0, b"", b'"messages"'
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            chunk = tail + block
+            count += chunk.count(needle)
+            tail = chunk[-(len(needle) - 1):]
+            count -= tail.count(needle)  # counted again with the next block
+    return count or None
+
+
+def _conversations(path: Path, problems: list) -> Iterator:
+    """The file's valid conversations, validated as they stream; after the first problem, validation goes
+    on (to report every problem) but nothing more is rendered."""
+    from minicpm_data.conversation import Conversation
+    from minicpm_data.validate import valid_records
+
+    for raw in valid_records(path, problems):
+        if not problems:
+            yield Conversation.from_record(raw.data)
+
+
+class _CacheWriter:
+    """Appends rendered samples to the cache files of a folder, in batches; counts what it saw."""
+
+    def __init__(self, folder: Path, dtype: str):
+        self.folder, self.dtype = folder, dtype
+        self.ids_file = (folder / "input_ids.bin").open("wb")
+        self.trained_file = (folder / "trained.bin").open("wb")
+        self.lengths_file = (folder / "lengths.bin").open("wb")
+        self.pending: list = []
+        self.records = self.used = self.truncated = self.tokens = self.trained_tokens = 0
+
+    def add(self, sample) -> None:
+        self.records += 1
+        self.truncated += sample.truncated
+        if sample.trainable:
+            self.tokens += len(sample.input_ids)
+            self.pending.append(sample)
+            if len(self.pending) >= _WRITE_BATCH:
+                self.flush()
+
+    def flush(self) -> None:
+        import numpy as np
+
+        if not self.pending:
+            return
+        lengths = np.fromiter((len(s.input_ids) for s in self.pending), np.int64, len(self.pending))
+        count = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(s.input_ids for s in self.pending), np.int64, count)
+        labels = np.fromiter(chain.from_iterable(s.labels for s in self.pending), np.int64, count)
+        trained = labels != IGNORE_INDEX
+        if not np.array_equal(labels[trained], ids[trained]):
+            raise DataError("the renderer gave labels that are not the input ids: the trained-token mask cannot hold them")
+        ids.astype(self.dtype).tofile(self.ids_file)
+        trained.tofile(self.trained_file)
+        lengths.tofile(self.lengths_file)
+        self.used += len(self.pending)
+        self.trained_tokens += int(trained.sum())
+        self.pending.clear()
+
+    def close(self) -> None:
+        for handle in (self.ids_file, self.trained_file, self.lengths_file):
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+
+
+def _render_into(target: Path, path: Path, tokenizer, *, template: str, max_length: int, truncation: str,
+                 render_options: dict[str, Any], on_progress: Progress | None) -> None:
+    """Render ``path`` into a temporary folder beside ``target`` and rename it into place when complete."""
+    from minicpm_data.render import gc_paused, render_stream
+    from minicpm_data.validate import raise_for_problems
+
+    partial = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    partial.mkdir()
+    try:
+        writer = _CacheWriter(partial, id_dtype(len(tokenizer)))
+        problems: list = []
+        total = count_records(path) if on_progress else None
+        with gc_paused():
+            for sample in render_stream(_conversations(path, problems), tokenizer, template=template,
+                                        max_length=max_length, truncation=truncation, **render_options):
+                writer.add(sample)
+                if on_progress is not None and writer.records % _PROGRESS_EVERY == 0:
+                    on_progress(RenderProgress(str(path), writer.records, writer.tokens, total))
+            writer.flush()
+        writer.close()
+        if on_progress is not None:
+            on_progress(RenderProgress(str(path), writer.records, writer.tokens, writer.records, finished=True))
+        raise_for_problems(path, problems)
+        if not writer.used:
+            raise DataError(f"{path}: none of {writer.records} samples has a trained token left at model_max_length "
+                            f"{max_length}; raise --model_max_length (see: minicpm-data stats {path})")
+        summary = DataSummary(path=str(path), records=writer.records, used=writer.used,
+                              dropped_no_trained_tokens=writer.records - writer.used, truncated=writer.truncated,
+                              tokens=writer.tokens, trained_tokens=writer.trained_tokens, max_length=max_length)
+        meta = {"format": CACHE_FORMAT, "dtype": writer.dtype, "summary": summary.to_dict()}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            partial.rename(target)  # atomic: a reader sees the whole cache or none
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(partial)  # another process (without the lock, e.g. on another filesystem) won
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
+    """Map a complete cache folder: nothing is read into memory beyond the offsets."""
     import numpy as np
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    offsets = np.cumsum([0] + dataset.lengths, dtype=np.int64)
-    flat_ids = np.fromiter((t for ids in dataset.input_ids for t in ids), dtype=np.int64, count=int(offsets[-1]))
-    flat_labels = np.fromiter((t for ls in dataset.labels for t in ls), dtype=np.int64, count=int(offsets[-1]))
-    partial = target.with_name(target.name + f".{os.getpid()}.tmp.npz")
-    np.savez(partial, input_ids=flat_ids, labels=flat_labels, offsets=offsets,
-             summary=np.array(json.dumps(summary.to_dict())))
-    partial.replace(target)  # atomic: a reader never sees half a cache file
-
-
-def _load_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
-    import numpy as np
-
-    with np.load(target) as data:
-        offsets = data["offsets"].tolist()
-        ids, labels = data["input_ids"].tolist(), data["labels"].tolist()
-        summary = DataSummary(**json.loads(str(data["summary"])))
-    spans = list(zip(offsets[:-1], offsets[1:]))
+    meta = json.loads((target / "meta.json").read_text())
+    summary = DataSummary(**meta["summary"])
     summary.from_cache = True
-    return SupervisedDataset([ids[a:b] for a, b in spans], [labels[a:b] for a, b in spans]), summary
 
+    def mapped(name: str, dtype: str) -> "np.ndarray":
+        return np.memmap(target / name, dtype=dtype, mode="r").view(np.ndarray)
 
-def load_supervised(path: str | Path, tokenizer, *, template: str | None = None, max_length: int,
-                    truncation: str = "right", train_on: str = "all",
-                    cache_dir: str | Path | None = None) -> tuple[SupervisedDataset, DataSummary]:
-    """Validate, render (or read the cache) and filter one data file."""
-    from minicpm_data.render import detect_template, render_many
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    template = template or detect_template(tokenizer)
-    target = Path(cache_dir or default_cache_dir()) / (
-        cache_key(path, tokenizer, template=template, max_length=max_length, truncation=truncation,
-                  train_on=train_on) + ".npz")
-    if target.is_file():
-        return _load_cache(target)
-
-    from minicpm_data.io import read_conversations
-    from minicpm_data.validate import require_valid
-
-    require_valid(path)
-
-    conversations = [conversation for _, conversation in read_conversations(path)]
-    samples = render_many(conversations, tokenizer, template=template, max_length=max_length, truncation=truncation,
-                          train_on=train_on)
-    kept = [s for s in samples if s.trainable]
-    dataset = SupervisedDataset([list(s.input_ids) for s in kept], [list(s.labels) for s in kept])
-    summary = DataSummary(
-        path=str(path), records=len(samples), used=len(kept), dropped_no_trained_tokens=len(samples) - len(kept),
-        truncated=sum(1 for s in samples if s.truncated), tokens=sum(dataset.lengths),
-        trained_tokens=sum(sum(1 for t in ls if t != IGNORE_INDEX) for ls in dataset.labels),
-        max_length=max_length)
-    if not kept:
-        raise DataError(f"{path}: none of {len(samples)} samples has a trained token left at model_max_length "
-                        f"{max_length}; raise --model_max_length (see: minicpm-data stats {path})")
-    _save_cache(target, dataset, summary)
-    return dataset, summary
+    offsets = np.zeros(summary.used + 1, dtype=np.int64)
+    np.cumsum(mapped("lengths.bin", "int64"), out=offsets[1:])
+    return SupervisedDataset(mapped("input_ids.bin", meta["dtype"]), mapped("trained.bin", "bool"), offsets), summary
 
 
 # --- batching -----------------------------------------------------------------------------------------
 
 
-def _pad_right(features: list[dict[str, list[int]]], key: str, value: int, longest: int):
-    """One field of a batch as a ``(batch, longest)`` tensor, right-padded with ``value``."""
+@functools.cache
+def trainer_class() -> type:
+    """transformers' ``Trainer``, with length grouping that takes sample lengths from the datasets' offsets
+    (its own reads every row once, which costs seconds at millions of samples)."""
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class MappedDataTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths.tolist())
+
+    return MappedDataTrainer
+
+
+def _pad_right(rows: list, value: int, longest: int):
+    """Rows (int arrays or lists) as a ``(batch, longest)`` long tensor, right-padded with ``value``."""
     import torch
 
-    rows = [feature[key] + [value] * (longest - len(feature[key])) for feature in features]
-    return torch.tensor(rows, dtype=torch.long)
+    batch = torch.full((len(rows), longest), value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        batch[index, :len(row)] = torch.as_tensor(row)
+    return batch
 
 
 @dataclass
@@ -188,49 +521,95 @@ class PaddingCollator:
 
     pad_token_id: int
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         longest = max(len(f["input_ids"]) for f in features)
-        masks = [{"mask": [1] * len(f["input_ids"])} for f in features]
-        return {"input_ids": _pad_right(features, "input_ids", self.pad_token_id, longest),
-                "labels": _pad_right(features, "labels", IGNORE_INDEX, longest),
-                "attention_mask": _pad_right(masks, "mask", 0, longest)}
+        return {"input_ids": _pad_right([f["input_ids"] for f in features], self.pad_token_id, longest),
+                "labels": _pad_right([f["labels"] for f in features], IGNORE_INDEX, longest),
+                "attention_mask": _pad_right([[1] * len(f["input_ids"]) for f in features], 0, longest)}
 
 
-def pack(dataset: SupervisedDataset, max_length: int) -> SupervisedDataset:
-    """First-fit-decreasing packing of samples into rows of at most ``max_length`` tokens.
+def first_fit_decreasing(lengths: "np.ndarray", capacity: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Rows of at most ``capacity`` tokens, filled first-fit in order of decreasing length (ties: index order).
+
+    Returns ``(order, row_sizes)``: sample indices row after row, and how many samples each row holds; the
+    same rows as placing samples one by one into the first row with room. Samples of one length are placed
+    together (numpy over the rows that still have room), so the cost is the O(n log n) sort plus
+    O(rows) vector work per distinct length, never a Python step per sample.
+    """
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise DataError(f"a sample of {int(lengths.max())} tokens cannot be packed into rows of {capacity}")
+    order = np.argsort(-lengths, kind="stable")
+    ordered = lengths[order]
+    room = np.zeros(len(lengths), dtype=np.int64)  # per row; at most one row per sample
+    row_of = np.empty(len(lengths), dtype=np.int64)  # the row of each sample in ``order``
+    rows = 0
+    open_rows = np.empty(0, dtype=np.int64)  # rows whose room still fits the shortest sample, in order
+    shortest = int(ordered[-1]) if len(ordered) else 0
+    run_starts = np.flatnonzero(np.diff(ordered, prepend=-1, append=-1))
+    for start, stop in zip(run_starts[:-1], run_starts[1:]):
+        length, count = int(ordered[start]), int(stop - start)
+        fits = open_rows[room[open_rows] >= length]
+        takes = room[fits] // length
+        filled = np.cumsum(takes)
+        last = int(np.searchsorted(filled, count))  # the row where this run's samples run out
+        if last < len(fits):
+            targets, counts = fits[:last + 1], takes[:last + 1].copy()
+            counts[-1] = count - (filled[last - 1] if last else 0)
+        else:
+            rest = count - (int(filled[-1]) if len(filled) else 0)
+            per_row = capacity // length
+            new = -(-rest // per_row)
+            new_rows = np.arange(rows, rows + new)
+            room[new_rows] = capacity
+            rows += new
+            open_rows = np.concatenate([open_rows, new_rows])
+            targets = np.concatenate([fits, new_rows])
+            counts = np.concatenate([takes, np.full(new, per_row, dtype=np.int64)])
+            counts[-1] = rest - per_row * (new - 1)
+        row_of[start:stop] = np.repeat(targets, counts)
+        room[targets] -= counts * length
+        open_rows = open_rows[room[open_rows] >= shortest]
+    return order[np.argsort(row_of, kind="stable")], np.bincount(row_of, minlength=rows)
+
+
+def pack(dataset, max_length: int) -> "PackedDataset":
+    """Samples packed into rows of at most ``max_length`` tokens (:func:`first_fit_decreasing`).
 
     Each row keeps its samples' boundaries in ``position_ids``; the first label of every sample is
     masked, since in a row it would be the target of the previous sample's last token.
     """
-    order = sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in order:
-        length = len(dataset.input_ids[index])
-        slot = next((r for r, free in enumerate(room) if free >= length), None)
-        if slot is None:
-            rows.append([index])
-            room.append(max_length - length)
-        else:
-            rows[slot].append(index)
-            room[slot] -= length
-    return PackedDataset(dataset, rows)
+    import numpy as np
+
+    order, row_sizes = first_fit_decreasing(dataset.lengths, max_length)
+    row_starts = np.zeros(len(row_sizes) + 1, dtype=np.int64)
+    np.cumsum(row_sizes, out=row_starts[1:])
+    return PackedDataset(dataset, order, row_starts)
 
 
-class PackedDataset(SupervisedDataset):
-    """Rows of packed samples: ``input_ids``, ``labels`` and per-sample ``position_ids``."""
+class PackedDataset:
+    """Rows of packed samples, built when read: ``input_ids``, ``labels`` and per-sample ``position_ids``."""
 
-    def __init__(self, source: SupervisedDataset, rows: list[list[int]]):
-        ids, labels, positions = [], [], []
-        for row in rows:
-            ids.append([t for i in row for t in source.input_ids[i]])
-            labels.append([t for i in row for t in [IGNORE_INDEX] + source.labels[i][1:]])
-            positions.append([p for i in row for p in range(len(source.input_ids[i]))])
-        super().__init__(ids, labels)
-        self.position_ids = positions
+    def __init__(self, source, order: "np.ndarray", row_starts: "np.ndarray"):
+        self.source, self.order, self.row_starts = source, order, row_starts
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return {**super().__getitem__(index), "position_ids": self.position_ids[index]}
+    def __len__(self) -> int:
+        return len(self.row_starts) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        samples = [self.source[int(i)] for i in self.order[self.row_starts[index]:self.row_starts[index + 1]]]
+        labels = [sample["labels"].copy() for sample in samples]
+        for row in labels:
+            row[0] = IGNORE_INDEX
+        return {"input_ids": np.concatenate([s["input_ids"] for s in samples]), "labels": np.concatenate(labels),
+                "position_ids": np.concatenate([np.arange(len(s["input_ids"])) for s in samples])}
 
 
 @dataclass
@@ -239,11 +618,12 @@ class PackingCollator:
 
     pad_token_id: int
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
+
         longest = max(len(f["input_ids"]) for f in features)
-        positions = [{"position_ids": f["position_ids"] + list(range(longest - len(f["position_ids"])))}
-                     for f in features]
+        positions = [np.concatenate([f["position_ids"], np.arange(longest - len(f["position_ids"]))]) for f in features]
         # use_cache=False: with a cache, transformers skips packed-sequence detection (samples would mix).
-        return {"input_ids": _pad_right(features, "input_ids", self.pad_token_id, longest),
-                "labels": _pad_right(features, "labels", IGNORE_INDEX, longest),
-                "position_ids": _pad_right(positions, "position_ids", 0, longest), "use_cache": False}
+        return {"input_ids": _pad_right([f["input_ids"] for f in features], self.pad_token_id, longest),
+                "labels": _pad_right([f["labels"] for f in features], IGNORE_INDEX, longest),
+                "position_ids": _pad_right(positions, 0, longest), "use_cache": False}

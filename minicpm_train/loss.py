@@ -320,13 +320,12 @@ class ChunkedLossTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
 
-def make_trainer(choice: LossChoice, **trainer_kwargs):
-    """A ``transformers.Trainer`` computing its loss as ``choice`` says (full: the Trainer unchanged)."""
-    from transformers import Trainer
-
+def make_trainer(choice: LossChoice, base: type, **trainer_kwargs):
+    """A trainer of class ``base`` (a ``transformers.Trainer``) computing its loss as ``choice`` says (full: the
+    base class unchanged)."""
     if choice.impl == "full":
-        return Trainer(**trainer_kwargs)
-    trainer = type("ChunkedLossTrainer", (ChunkedLossTrainerMixin, Trainer), {})(**trainer_kwargs)
+        return base(**trainer_kwargs)
+    trainer = type("ChunkedLossTrainer", (ChunkedLossTrainerMixin, base), {})(**trainer_kwargs)
     trainer.loss_kernel = choice.kernel
     return trainer
 

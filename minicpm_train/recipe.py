@@ -127,25 +127,29 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     tokenizer = load_tokenizer(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # 2. Data: validated, rendered by the one renderer, cached; untrainable samples dropped and counted.
-    from minicpm_train.data import PackingCollator, PaddingCollator, load_supervised, pack
+    # 2. Data: each file validated and rendered in one streaming pass by the one renderer into a memory-mapped
+    #    cache (the local main process renders, other ranks wait and map it); untrainable samples dropped, counted.
+    from minicpm_train.data import PackingCollator, PaddingCollator, load_data, mix, named_sets, pack, trainer_class
 
-    def load(path: str) -> tuple:
-        dataset, summary = load_supervised(path, tokenizer, template=options.template,
-                                           max_length=options.model_max_length, truncation=options.truncation,
-                                           train_on=options.train_on,
-                                           cache_dir=options.data_cache_dir)
-        report(f"data {path}: {summary.used} samples used, {summary.dropped_no_trained_tokens} dropped "
-               f"(no trained token left), {summary.truncated} truncated, {summary.tokens} tokens "
-               f"({summary.trained_tokens} trained){' [cached]' if summary.from_cache else ''}")
-        return dataset, summary
+    render_progress = next((c.render_progress for c in callbacks if hasattr(c, "render_progress")), None)
 
-    train_set, train_summary = load(options.train_data_path)
-    eval_set, eval_summary = load(options.eval_data_path) if options.eval_data_path else (None, None)
+    def load(spec: str) -> tuple[list, DataSummary]:
+        files, summary = load_data(spec, tokenizer, template=options.template, max_length=options.model_max_length,
+                                   truncation=options.truncation, render_options={"train_on": options.train_on},
+                                   cache_dir=options.data_cache_dir,
+                                   local_main=os.environ.get("LOCAL_RANK", "0") == "0", on_progress=render_progress)
+        for line in [file_summary.describe() for _, file_summary in files] + [summary.describe()] * (len(files) > 1):
+            report(line)
+        return files, summary
+
+    train_files, train_summary = load(options.train_data_path)
+    eval_files, eval_summary = load(options.eval_data_path) if options.eval_data_path else ([], None)
+    train_set, eval_sets = mix(train_files), named_sets(eval_files)  # several eval files: a loss for each
     if options.packing:
         train_set = pack(train_set, options.model_max_length)
-        eval_set = pack(eval_set, options.model_max_length) if eval_set is not None else None
-        report(f"packing: {train_summary.used} samples into {len(train_set)} rows")
+        eval_sets = {name: pack(dataset, options.model_max_length) for name, dataset in eval_sets.items()}
+        report(f"packing: {train_summary.epoch_samples} samples into {len(train_set)} rows")
+    eval_set = eval_sets if len(eval_sets) > 1 else next(iter(eval_sets.values()), None)
     collator = (PackingCollator if options.packing else PaddingCollator)(pad_id)
 
     # 3. Model: full, LoRA, or QLoRA (4-bit base + LoRA).
@@ -193,8 +197,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     args = TrainingArguments(**training)
     memory = MemoryCallback()  # peak GPU memory per rank; measures nothing on CPU
     guard = LossGuard(train_summary.trained_tokens)  # garbage loss: an error, no save
-    trainer = make_trainer(loss, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                           data_collator=collator, processing_class=tokenizer,
+    trainer = make_trainer(loss, trainer_class(), model=model, args=args, train_dataset=train_set,
+                           eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
                            callbacks=[guard, TokenizerFiles(options.model_name_or_path), *callbacks, memory])
     guard.watch(trainer)
     if callbacks:

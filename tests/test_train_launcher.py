@@ -70,3 +70,58 @@ def test_two_cpu_ranks_zero3_offload_killed_and_resumed(tmp_path, tiny_llama, da
     assert evals[-1] < evals[0]
     assert json.loads((output / "run_config.json").read_text())["training"]["deepspeed"].endswith("zero3_offload.json")
     assert metrics["final"]["eval_loss"] == pytest.approx(_dev_loss_as_two_ranks_compute_it(output), abs=1e-3)
+
+
+# Loaded by every Python process of the run (PYTHONPATH): each rank logs when it renders and a digest of the
+# training rows it got, so the test sees inside the ranks without any hook in the library.
+_RANK_PROBE = '''
+import hashlib, os
+import minicpm_data.render as render
+import minicpm_train.data as data
+
+LOG = os.environ["RANK_PROBE_LOG"]
+real_stream, real_load = render.render_stream, data.load_data
+
+def _log(line):
+    with open(LOG, "a") as f:
+        f.write(f"{os.environ.get('RANK', '-')} {line}\\n")
+
+def render_stream(*args, **kwargs):
+    _log("render")
+    yield from real_stream(*args, **kwargs)
+
+def load_data(spec, *args, **kwargs):
+    files, summary = real_load(spec, *args, **kwargs)
+    digest = hashlib.sha256()
+    for dataset, _ in files:
+        for index in range(len(dataset)):
+            row = dataset[index]
+            digest.update(row["input_ids"].tobytes() + row["labels"].tobytes())
+    _log(f"data {os.path.basename(spec)} {digest.hexdigest()}")
+    return files, summary
+
+render.render_stream, data.load_data = render_stream, load_data
+'''
+
+
+@pytest.mark.slow
+def test_two_ranks_render_once_and_train_on_identical_data(tmp_path, tiny_llama):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(_RANK_PROBE)
+    log, cache = tmp_path / "ranks.log", tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe), os.environ.get("PYTHONPATH", "")]),
+           "RANK_PROBE_LOG": str(log)}
+    argv = [CLI, "run", *task_argv(tiny_llama, tmp_path / "out", cache, steps=2), "--num_gpus", "2",
+            "--master_port", "29643", "--deepspeed", "zero2", "--save_strategy", "no"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    lines = log.read_text().splitlines()
+    assert sorted(line for line in lines if line.endswith("render")) == ["0 render", "0 render"]  # train, dev
+    digests = {rank: [line.split()[2:] for line in lines if line.startswith(f"{rank} data")] for rank in "01"}
+    assert len(digests["0"]) == 2 and digests["0"] == digests["1"]  # the same rows on both ranks
+    entries = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert len(entries) == 2 and not any(".tmp-" in name for name in entries)  # each file's cache written once
+    summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
+    assert summary["train"]["used"] == 128 and not summary["train"]["from_cache"]
