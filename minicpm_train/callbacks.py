@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from minicpm_data.errors import MinicpmError
 
-WHAT_TO_CHECK = ("check the base model's weights (`minicpm-train doctor MODEL` names the class it loads with), "
+WHAT_TO_CHECK = ("check the base model's weights (`minicpm-train doctor --model DIR` names the class it loads with), "
                  "the learning rate, and the precision (fp16 weights diverge; try --bf16)")
 
 
