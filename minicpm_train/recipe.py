@@ -152,7 +152,11 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     eval_set = eval_sets if len(eval_sets) > 1 else next(iter(eval_sets.values()), None)
     collator = (PackingCollator if options.packing else PaddingCollator)(pad_id)
 
-    # 3. Model: full, LoRA, or QLoRA (4-bit base + LoRA).
+    # 3. Model: full, LoRA, or QLoRA (4-bit base + LoRA). Seeded first: LoRA's initial weights are drawn here,
+    #    before the Trainer would seed, and --seed must decide them.
+    from transformers import TrainingArguments, set_seed
+
+    set_seed(training.get("seed", TrainingArguments.seed))
     checkpointing = bool(training.get("activation_checkpointing"))
     if options.qlora:  # (not under ZeRO-3: parse_run_args refuses that pairing)
         model = models.load_base_model(options, precision=precision, device=device, quantize_4bit=True)
@@ -172,7 +176,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
 
     # 4. Trainer (DeepSpeed, when --deepspeed is set, is driven by the Trainer from the same arguments), whose
     #    loss goes chunk by chunk (or a fused kernel) through lm_head: no [batch, length, vocab] logits.
-    from transformers import PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback
 
     from minicpm_train.callbacks import LossGuard, TokenizerFiles
     from minicpm_train.loss import make_trainer, resolve_loss
