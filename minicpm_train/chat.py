@@ -49,12 +49,13 @@ def generate_reply(model, tokenizer, conversation: Conversation, settings: Gener
     import torch
 
     from minicpm_data.render import render_prompt
+    from minicpm_data.tokenizer import pad_token_id
     from minicpm_train.inference import stop_token_ids
 
     prompt = render_prompt(conversation, tokenizer, template=template)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt], device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=pad,

@@ -99,6 +99,13 @@ Progress = Callable[[RenderProgress], None]
 # --- datasets -----------------------------------------------------------------------------------------
 
 
+def _row(index: int, length: int) -> int:
+    """``index`` as a row number of a sequence of ``length`` rows (negative counts from the end)."""
+    if not -length <= index < length:
+        raise IndexError(index)
+    return index % length
+
+
 class SupervisedDataset:
     """Samples as flat token ids, a trained-token mask and ``len + 1`` offsets (numpy arrays, memory-mapped
     from the cache); a row becomes ``{"input_ids", "labels"}`` (int64 arrays) only when read."""
@@ -112,9 +119,7 @@ class SupervisedDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         import numpy as np
 
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        index %= len(self)
+        index = _row(index, len(self))
         start, end = self.offsets[index], self.offsets[index + 1]
         ids = self.ids[start:end].astype(np.int64)
         return {"input_ids": ids, "labels": np.where(self.trained[start:end], ids, IGNORE_INDEX)}
@@ -601,9 +606,7 @@ class PackedDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         import numpy as np
 
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        index %= len(self)
+        index = _row(index, len(self))
         samples = [self.source[int(i)] for i in self.order[self.row_starts[index]:self.row_starts[index + 1]]]
         labels = [sample["labels"].copy() for sample in samples]
         for row in labels:

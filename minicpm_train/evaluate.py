@@ -146,9 +146,10 @@ def _greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     """Greedy answers for one left-padded batch of prompts."""
     import torch
 
+    from minicpm_data.tokenizer import pad_token_id
     from minicpm_train.inference import stop_token_ids
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -169,6 +170,7 @@ def evaluate(model, tokenizer, records: Iterable[tuple[int, Conversation]], *, t
     which assistant turns the loss covers (as the run trained: all, or last).
     """
     from minicpm_data.render import render, render_prompt
+    from minicpm_data.tokenizer import pad_token_id
 
     records = list(records)
     if not records:
@@ -183,7 +185,7 @@ def evaluate(model, tokenizer, records: Iterable[tuple[int, Conversation]], *, t
     rendered = [render(conversation, tokenizer, template=template, max_length=max_length, train_on=train_on)
                 for _, conversation in records]
     scored = [i for i, r in enumerate(rendered) if r.trainable]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     losses: dict[int, tuple[float, int]] = {}
     for start in range(0, len(scored), batch_size):
         chunk = scored[start:start + batch_size]

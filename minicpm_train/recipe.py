@@ -116,7 +116,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         transformers_logging.disable_progress_bar()
 
     # 1. Tokenizer: exactly as `minicpm-data stats` loads it, so training sees the ids stats showed.
-    from minicpm_data.tokenizer import load_tokenizer
+    from minicpm_data.tokenizer import load_tokenizer, pad_token_id
     from minicpm_train import model as models
 
     model_config = models.read_model_config(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
@@ -125,7 +125,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         report(f"note: {notice}")
 
     tokenizer = load_tokenizer(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
 
     # 2. Data: each file validated and rendered in one streaming pass by the one renderer into a memory-mapped
     #    cache (the local main process renders, other ranks wait and map it); untrainable samples dropped, counted.

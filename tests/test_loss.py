@@ -15,7 +15,7 @@ import torch
 from minicpm_train.args import ArgumentError, parse_run_args
 from minicpm_train.loss import (CHUNK_SIZE, LossChoice, LossError, capture_head_input, causal_lm_loss,
                                 choose_loss_impl, per_sample_losses, resolve_loss)
-from train_helpers import TASK_TRAIN, dev_batch, pad_id, run_in_process, task_argv
+from train_helpers import TASK_TRAIN, dev_batch, run_in_process, task_argv
 
 MODEL_KINDS = ["tiny_llama", "tiny_minicpm3", "tiny_minicpm2", "tiny_minicpm4"]  # fixtures (minicpm2/4: the built-in class)
 SMALL_CHUNK = 8  # several chunks per batch in the tests (the dev batch trains 24 positions)
@@ -60,13 +60,13 @@ def _assert_same_loss_and_grads(model, batch, **loss_kwargs):
 
 def _packed_batch(model_dir, rows: int | None = 4):
     """The first ``rows`` packed rows of the fixture task (all of them for None)."""
-    from minicpm_data.tokenizer import load_tokenizer
+    from minicpm_data.tokenizer import load_tokenizer, pad_token_id
     from minicpm_train.data import PackingCollator, load_supervised, pack
 
     tokenizer = load_tokenizer(str(model_dir))
     dataset, _ = load_supervised(TASK_TRAIN, tokenizer, max_length=256, cache_dir=model_dir / ".cache")
     packed = pack(dataset, 512)
-    return PackingCollator(pad_id(tokenizer))([packed[i] for i in range(rows or len(packed))])
+    return PackingCollator(pad_token_id(tokenizer))([packed[i] for i in range(rows or len(packed))])
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

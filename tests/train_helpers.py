@@ -132,17 +132,15 @@ def make_adapter(base: Path, out: Path, targets: list[str]) -> Path:
 
 def dev_batch(tokenizer_dir: Path, count: int = 8):
     """A padded batch of the first dev samples, rendered as training renders them."""
-    from minicpm_data.tokenizer import load_tokenizer
+    from minicpm_data.tokenizer import load_tokenizer, pad_token_id
     from minicpm_train.data import PaddingCollator, load_supervised
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     dataset, _ = load_supervised(TASK_DEV, tokenizer, max_length=MAX_LENGTH, cache_dir=tokenizer_dir / ".cache")
-    return PaddingCollator(pad_id(tokenizer))([dataset[i] for i in range(count)])
+    return PaddingCollator(pad_token_id(tokenizer))([dataset[i] for i in range(count)])
 
 
-def pad_id(tokenizer) -> int:
-    """The id batches are padded with, as the recipe chooses it (MiniCPM-2B's tokenizer has no pad token)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
 
 
 def logits(model, batch):
