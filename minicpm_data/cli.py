@@ -14,7 +14,14 @@ from rich.console import Console
 
 from minicpm_data.cli_app import err_console, make_app, run_app
 
-app = make_app("minicpm-data", "Convert raw chat data to MiniCPM's messages format, validate it, split it, and measure it.")
+def flag_name(name: str) -> str:
+    """The one spelling of a flag name here: hyphens (``model-max-length``); ``model_max_length`` is the same flag."""
+    return name.replace("_", "-")
+
+
+app = make_app("minicpm-data", "Convert raw chat data to MiniCPM's messages format, validate it, split it, and measure "
+                               "it. Multi-word flags take either spelling: --dev-ratio or --dev_ratio.",
+               flag_spelling=flag_name)
 console = Console()
 
 
@@ -244,12 +251,12 @@ def stats_command(
     names: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json / .jsonl files (one "
                                        "column each), folders of them, or globs."),
     tokenizer: str = typer.Option(..., "--tokenizer", "-t", help=_TOKENIZER_HELP),
-    model_max_length: int = typer.Option(1024, "--model-max-length", "--model_max_length", min=1,
+    model_max_length: int = typer.Option(1024, "--model-max-length", min=1,
                                          help="Training's model_max_length."),
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Per-device batch size, for padding waste."),
-    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
+    train_on: str = typer.Option("all", "--train-on", help=_TRAIN_ON_HELP),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here (.png added if missing)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
@@ -299,10 +306,10 @@ def inspect_command(
     index: int = typer.Option(0, "--index", "-i", min=0, help="First record to show (0-based)."),
     count: int = typer.Option(1, "-n", "--count", min=1, help="How many records to show from --index."),
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
-    model_max_length: int | None = typer.Option(None, "--model-max-length", "--model_max_length", min=1,
+    model_max_length: int | None = typer.Option(None, "--model-max-length", min=1,
                                                 help="Also show what truncation to this length cuts."),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
-    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
+    train_on: str = typer.Option("all", "--train-on", help=_TRAIN_ON_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
 ) -> None:
     from itertools import islice

@@ -1,9 +1,9 @@
 """What ``minicpm-train run --help`` and ``plan --help`` show: the run's flags in groups, each own flag with its
-default, and ``--help-all``: every Hugging Face ``TrainingArguments`` flag, from transformers' own parser.
+default, and ``--help_all``: every Hugging Face ``TrainingArguments`` flag, from transformers' own parser.
 
 The groups are a mapping keyed by flag name, so a new :class:`~minicpm_train.args.RunOptions` field only needs
 its name added to one group (a test checks that every field is in exactly one). ``--help`` never imports
-transformers: the Hugging Face flags of the guide's group are described here, their defaults by ``--help-all``.
+transformers: the Hugging Face flags of the guide's group are described here, their defaults by ``--help_all``.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class FlagLine:
 
     flag: str
     help: str
-    default: str | None  # None: a Hugging Face flag, whose default --help-all shows
+    default: str | None  # None: a Hugging Face flag, whose default --help_all shows
 
 
 def own_fields() -> dict[str, dataclasses.Field]:
@@ -144,7 +144,7 @@ def render_groups(console, command_path: str) -> None:
         console.print(Panel(table, title=group, title_align="left", box=box.ROUNDED, border_style="dim"))
     console.print(Padding(
         f"\\[HF]: a Hugging Face TrainingArguments flag. Every TrainingArguments flag is accepted, in either "
-        f"spelling (--max_steps or --max-steps); [bold]{escape(command_path)} --help-all[/] lists them with "
+        f"spelling (--max_steps or --max-steps); [bold]{escape(command_path)} --help_all[/] lists them with "
         f"their defaults.", (0, 1)), highlight=False)
 
 
