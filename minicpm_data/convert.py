@@ -21,7 +21,7 @@ import orjson
 from minicpm_data.errors import FormatError, InputError
 from minicpm_data.io import (REJECTS_NAME, TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format,
                               parse_line, record_writer, require_file, serialize, table_columns)
-from minicpm_data.media import MEDIA_POLICIES, MEDIA_REASONS, media_keys, parts_as_placeholders
+from minicpm_data.media import MEDIA_KEY_NAMES, MEDIA_POLICIES, MEDIA_REASONS, media_keys, parts_as_placeholders
 from minicpm_data.repair import REASONING_POLICIES, TOOL_POLICIES, finished_record
 from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
 
@@ -208,7 +208,8 @@ class RecordProcessor:
                     raise
                 # Media parts: as placeholders, which the media policy then drops like any other.
                 conversation = self._convert(parts_as_placeholders(record))
-            finished, applied = self._finish(conversation, media_keys=media_keys(record))
+            keys = None if record.keys().isdisjoint(MEDIA_KEY_NAMES) else media_keys(record)  # the common case inline
+            finished, applied = self._finish(conversation, media_keys=keys) if keys else self._finish(conversation)
         except RecordRejected as rejection:
             return None, [], rejection.reason, rejection.detail
         return serialize(finished), applied, "", ""

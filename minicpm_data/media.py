@@ -30,6 +30,7 @@ MEDIA_KEYS = {"images": "image", "image": "image", "videos": "video", "video": "
 # Content part types (OpenAI chat and Responses API, LLaMA-Factory v1) that hold media, by kind.
 MEDIA_PARTS = {"image": "image", "image_url": "image", "input_image": "image", "audio": "audio",
                "input_audio": "audio", "video": "video", "video_url": "video"}
+MEDIA_KEY_NAMES = frozenset(MEDIA_KEYS)  # a set: dict_keys.isdisjoint with a set is the cheap test, once per record
 MEDIA_REASONS = frozenset(f"not text: {kind}" for kind in ("image", "audio", "video"))
 PLACEHOLDER = re.compile(r"<(image|video|audio)>")
 # A run of placeholders with the whitespace around it: removed whole, so no blank line or double space is left.
@@ -38,7 +39,7 @@ _PLACEHOLDER_RUN = re.compile(r"\s*(?:<(?:image|video|audio)>\s*)+")
 
 def media_keys(record: Mapping[str, Any]) -> list[str]:
     """The media keys of ``record`` that name something (an empty list or null names nothing)."""
-    if record.keys().isdisjoint(MEDIA_KEYS):
+    if record.keys().isdisjoint(MEDIA_KEY_NAMES):
         return []
     return [key for key in MEDIA_KEYS if record.get(key) not in (None, "", [])]
 
