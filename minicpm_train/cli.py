@@ -7,6 +7,7 @@ Heavy libraries are imported inside the commands that need them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -141,17 +142,24 @@ def run_command(
         if plan.mode == "launcher":
             console.print(" ".join(launcher_command(plan, Path("RESOLVED.json"))), highlight=False)
         return
-    if plan.mode == "launcher":
-        raise typer.Exit(run_launcher(run, plan))
+    from minicpm_train.resume import interrupted_message
 
-    from minicpm_train.callbacks import ProgressCallback
-    from minicpm_train.recipe import train
-
-    progress = ProgressCallback(console)
     try:
-        result = train(run, report=lambda m: console.print(m, highlight=False, markup=False), callbacks=(progress,))
-    finally:
-        progress.stop()  # before an error line, if training stopped on one
+        if plan.mode == "launcher":
+            raise typer.Exit(run_launcher(run, plan))
+
+        from minicpm_train.callbacks import ProgressCallback
+        from minicpm_train.recipe import train
+
+        progress = ProgressCallback(console)
+        try:
+            result = train(run, report=lambda m: console.print(m, highlight=False, markup=False), callbacks=(progress,))
+        finally:
+            progress.stop()  # before an error line, if training stopped on one
+    except KeyboardInterrupt:  # Ctrl-C: one line on what was saved and how to go on, exit code 130 as for SIGINT
+        err_console.print(escape(interrupted_message(Path(run.training["output_dir"]), sys.argv[1:])),
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     final = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
     console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
 
@@ -287,11 +295,13 @@ _TEMPLATE = typer.Option(None, "--template", help="Chat layout: chatml or minicp
 
 
 @_command("doctor", help="Check what a run depends on: Python, torch/CUDA, GPUs, bf16, NCCL, DeepSpeed ops, "
-                         "bitsandbytes, library versions; with --model, the class the folder loads with.")
+                         "bitsandbytes, library versions; with --model, the folder's files and the class it "
+                         "loads with.")
 def doctor_command(
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
-    model: str = typer.Option(None, "--model", help="A model folder: say which class it loads with (built-in "
-                                                    "MiniCPM, transformers' own, or its remote code)."),
+    model: str = typer.Option(None, "--model", help="A model folder: check its files (every problem at once) and "
+                                                    "say which class it loads with (built-in MiniCPM, "
+                                                    "transformers' own, or its remote code)."),
     trust_remote_code: bool = _TRUST,
 ) -> None:
     import dataclasses
@@ -299,12 +309,12 @@ def doctor_command(
 
     from rich.table import Table
 
-    from minicpm_train.doctor import check, gather, model_check, overall
+    from minicpm_train.doctor import check, gather, model_checks, overall
 
     checks = check(gather())
     if model:
         with _quiet_loading():
-            checks.append(model_check(model, trust_remote_code=trust_remote_code))
+            checks += model_checks(model, trust_remote_code=trust_remote_code)
     verdict = overall(checks)
     if as_json:
         print(json.dumps({"verdict": verdict, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))

@@ -29,6 +29,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "LoRA and QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target"),
     "Data, template, packing and cache": ("template", "train_on", "truncation", "packing", "data_cache_dir"),
     "Precision, loss and remote code": ("precision", "loss_impl", "trust_remote_code"),
+    "Re-runs into an output folder": ("overwrite_output_dir", "force_resume"),
     DEVICE_GROUP: ("include", "exclude", "num_gpus", "num_nodes", "hostfile", "master_port", "master_addr"),
 }
 
