@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import inspect
 import json
@@ -38,13 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minicpm_data.errors import MinicpmError
+from minicpm_data.io import expand_data_path, only_rejects, rejects_note
 
 if TYPE_CHECKING:
     import numpy as np
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 2  # the on-disk layout; part of the cache key, so another layout is never misread
-DATA_SUFFIXES = (".json", ".jsonl")
 LOCAL_MAIN_HEAD_START = 30.0  # seconds other local ranks leave the local main process to take the lock first
 _WRITE_BATCH = 4096  # samples per write to the cache files
 _PROGRESS_EVERY = 1024  # samples per progress report
@@ -178,26 +177,28 @@ class MixedDataset:
 
 def data_files(spec: str) -> list[tuple[Path, float]]:
     """``(file, weight)`` for a ``--train_data_path`` / ``--eval_data_path`` value: comma-separated files,
-    folders (their .json / .jsonl files) or globs, each with an optional ``:WEIGHT`` (default 1)."""
+    folders (their .json / .jsonl files) or globs, each with an optional ``:WEIGHT`` (default 1). Rejects files of
+    ``minicpm-data convert`` are left out (:func:`left_out_rejects` names them)."""
     files = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, weight = _split_weight(item)
-        if any(char in name for char in "*?["):
-            matches = [Path(match) for match in sorted(glob.glob(name)) if Path(match).suffix.lower() in DATA_SUFFIXES]
-            if not matches:
-                raise DataError(f"no .json or .jsonl file matches {name}")
-        elif Path(name).is_dir():
-            matches = sorted(p for p in Path(name).iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
-            if not matches:
-                raise DataError(f"{name}: folder has no .json or .jsonl file")
-        elif Path(name).is_file():
-            matches = [Path(name)]
-        else:
+    for name, weight, matches, _ in _expanded(spec):
+        if not all(match.is_file() for match in matches):
             raise DataError(f"data file not found: {name}")
         files += [(match, weight) for match in matches]
     if not files:
-        raise DataError(f"no data file named in {spec!r}")
+        skipped = left_out_rejects(spec)
+        raise only_rejects(skipped) if skipped else DataError(f"no data file named in {spec!r}")
     return files
+
+
+def left_out_rejects(spec: str) -> list[Path]:
+    """The rejects files of ``minicpm-data convert`` that ``spec``'s names, folders or globs held: never data."""
+    return [path for *_, rejects in _expanded(spec) for path in rejects]
+
+
+def _expanded(spec: str) -> list[tuple[str, float, list[Path], list[Path]]]:
+    """``(name, weight, files, rejects files)`` for each comma-separated item of ``spec``."""
+    return [(name, weight, *expand_data_path(name))
+            for name, weight in map(_split_weight, filter(None, (part.strip() for part in spec.split(","))))]
 
 
 def _split_weight(item: str) -> tuple[str, float]:
@@ -233,8 +234,11 @@ def load_data(spec: str, tokenizer, *, max_length: int, cache_dir: str | Path | 
     """Load every file of ``spec`` (see :func:`data_files`): per file its weighted dataset and summary,
     and the summary of them all (the single file's own when there is one). ``options``: as :func:`load_supervised`."""
     loaded = []
+    skipped = left_out_rejects(spec)
     for path, weight in data_files(spec):
         dataset, summary = load_supervised(path, tokenizer, max_length=max_length, cache_dir=cache_dir, **options)
+        if skipped and not loaded:  # said once, with the first file
+            summary.notes.append(rejects_note(skipped))
         summary.weight = weight
         if weight != 1:
             dataset = MixedDataset([dataset], weighted_picks(len(dataset), weight))
