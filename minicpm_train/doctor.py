@@ -259,7 +259,9 @@ def model_checks(folder: str, *, trust_remote_code: bool = False) -> list[Check]
     checks = [Check("model files", folder, "ok", "config.json, tokenizer files and weights whole and consistent")]
     try:
         tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
-        checks.append(Check("tokenizer", f"{len(tokenizer):,} tokens", "ok", f"vocab_size {config.get('vocab_size')}"))
+        vocab_size = config.get("vocab_size")
+        checks.append(Check("tokenizer", f"{len(tokenizer):,} tokens", "ok",
+                            f"config.json's vocab_size: {vocab_size:,}" if isinstance(vocab_size, int) else ""))
     except MinicpmError as error:
         checks.append(Check("tokenizer", folder, "fail", str(error)))
     loads_with = model_class(config, trust_remote_code=trust_remote_code)

@@ -169,6 +169,46 @@ def test_whole_folders_pass(tiny_llama, tiny_minicpm2, tiny_minicpm4, tiny_minic
         assert check_model_folder(folder, trust_remote_code=False)[1] == [], folder
 
 
+def test_an_8b_download_is_checked_from_its_headers(shared_dir, tmp_path):
+    """MiniCPM4-8B's real config.json and tokenizer with four 4 GB shards whose headers are real and whose data
+    is a hole in the file (sparse, nothing on disk): the check reads headers only, so it passes them, and finds
+    a shard cut short or a layer the config has and the shards lack."""
+    import os
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minicpm_train.model import check_model_folder
+    from minicpm_train.modeling import register_minicpm
+
+    folder = linked_copy(shared_dir / "tokenizers" / "minicpm4", tmp_path / "MiniCPM4-8B")
+    register_minicpm()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    weight_map = {name: f"model-0000{index % 4 + 1}-of-00004.safetensors" for index, name in enumerate(sorted(shapes))}
+    for shard in sorted(set(weight_map.values())):
+        header, offset = {}, 0
+        for name in (n for n, s in weight_map.items() if s == shard):
+            size = 2 * int(torch.Size(shapes[name]).numel())
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header).encode()
+        put(folder, shard, struct.pack("<Q", len(encoded)) + encoded)
+        os.truncate(folder / shard, 8 + len(encoded) + offset)  # a hole: no data written
+    put(folder, "model.safetensors.index.json", json.dumps({"weight_map": weight_map}))
+    assert sum(p.stat().st_size for p in folder.glob("*.safetensors")) > 16e9
+    assert check_model_folder(folder, trust_remote_code=False)[1] == []
+    shard = folder / "model-00003-of-00004.safetensors"
+    os.truncate(shard, shard.stat().st_size - 1)
+    assert "model-00003-of-00004.safetensors: truncated: its tensors need" in str(
+        check_model_folder(folder, trust_remote_code=False)[1][0])
+    os.truncate(shard, shard.stat().st_size + 1)
+    edit_config(folder, num_hidden_layers=33)
+    assert "num_hidden_layers is 33 but the weights hold layers 0-31: layer 32 would be random weights" in str(
+        check_model_folder(folder, trust_remote_code=False)[1][0])
+
+
 @pytest.mark.parametrize("kind", ["minicpm2", "minicpm4"])
 def test_minicpm_tokenizer_without_its_vocabulary_never_loads(kind, request, tmp_path):
     """OpenBMB's layout: MiniCPM-2B's vocabulary is tokenizer.model alone (with ../shared), MiniCPM4's also
