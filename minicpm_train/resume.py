@@ -140,6 +140,9 @@ def resume_point(value: str | None, output_dir: Path, identity: RunIdentity, *, 
             for folder in earlier.values():
                 shutil.rmtree(folder)
             report(f"note: --overwrite_output_dir: deleted {len(earlier)} checkpoint(s) of an earlier run in {output_dir}")
+        if (output_dir / RUN_RECORD).is_file():
+            report(f"note: {output_dir} holds an earlier run's final files (its {RUN_RECORD}); this run replaces them "
+                   "when it ends")
         return None
     if value == "auto":
         checkpoint = latest_checkpoint(output_dir)
@@ -156,7 +159,7 @@ def resume_point(value: str | None, output_dir: Path, identity: RunIdentity, *, 
     cannot = method_problem(checkpoint, identity.options)
     if cannot:
         raise ResumeError(f"{asked}: {checkpoint} {cannot}")
-    record, finding = read_json_file(checkpoint / RUN_RECORD, required=False)
+    record, _ = read_json_file(checkpoint / RUN_RECORD, required=False)  # a damaged one made it incomplete
     differs = identity.differences(record or {})
     if max_steps > 0 and step >= max_steps:
         differs.insert(0, f"its step {step} is at or past --max_steps {max_steps}, so nothing would be trained "

@@ -488,6 +488,7 @@ def test_reruns_into_a_used_output_folder(tiny_llama, tmp_path, monkeypatch, cap
     # --overwrite_output_dir: the earlier checkpoints go, the run starts at step 0
     code, out, err = run("--overwrite_output_dir", steps=2)
     assert code == 0 and "deleted 4 checkpoint(s) of an earlier run" in out, err
+    assert "holds an earlier run's final files (its run_config.json); this run replaces them when it ends" in out
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"] and trained_steps() == [1, 2]
 
 
