@@ -56,7 +56,7 @@ FLAG_HELP: dict[str, str] = {
     "logging_steps": "Log the loss every N steps (here: step 1, then every 10, unless given).",
     "deepspeed": "A config file, inline JSON, or a preset: zero2, zero2_offload, zero3, zero3_offload; "
                  "none switches it off.",
-    "resume_from_checkpoint": "A checkpoint-N folder, or auto: the latest in --output_dir.",
+    "resume_from_checkpoint": "A checkpoint-N folder, or auto: the latest complete one in --output_dir.",
     "include": "GPUs to use: localhost:0,1 (or host1:0,1@host2:2).",
     "exclude": "GPUs not to use, in --include's form.",
     "num_gpus": "GPUs per node (torchrun: --nproc_per_node).",
