@@ -112,6 +112,8 @@ def read_json_file(path: Path, *, required: bool = True) -> tuple[dict | None, F
 
 @dataclass(frozen=True)
 class Tensor:
+    """A tensor as a weights file's header describes it."""
+
     dtype: str
     shape: tuple[int, ...]
 
@@ -405,9 +407,9 @@ def adapter_findings(folder: Path) -> list[Finding]:
     if weights.suffix == ".bin":
         return [f for f in [zip_archive_finding(weights)] if f]
     tensors, finding = safetensors_header(weights)
-    if finding:
-        return [finding]
-    for name, tensor in tensors.items() if not config.get("rank_pattern") else ():
+    if finding or config.get("rank_pattern"):  # (per-module ranks: not checked against r)
+        return [finding] if finding else []
+    for name, tensor in tensors.items():
         if ".lora_A." in name and tensor.shape[:1] != (rank,) or ".lora_B." in name and tensor.shape[-1:] != (rank,):
             return [Finding(weights, f"{name} has shape {list(tensor.shape)}, not of rank {rank} as "
                                      "adapter_config.json says", "use the adapter_config.json saved with these "
