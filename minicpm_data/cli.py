@@ -14,7 +14,14 @@ from rich.console import Console
 
 from minicpm_data.cli_app import err_console, make_app, run_app
 
-app = make_app("minicpm-data", "Convert raw chat data to MiniCPM's messages format, validate it, split it, and measure it.")
+def flag_name(name: str) -> str:
+    """The one spelling of a flag name here: hyphens (``model-max-length``); ``model_max_length`` is the same flag."""
+    return name.replace("_", "-")
+
+
+app = make_app("minicpm-data", "Convert raw chat data to MiniCPM's messages format, validate it, split it, and measure "
+                               "it. Multi-word flags take either spelling: --dev-ratio or --dev_ratio.",
+               flag_spelling=flag_name)
 console = Console()
 
 
@@ -69,15 +76,16 @@ def _print_convert_summary(summary) -> None:
         console.print(f"{name}: {part['records']} records -> {escape(part['path'])}")
     if not summary.splits:
         console.print(f"output: {escape(summary.output or 'none (no records written)')}")
-    console.print(f"rejects: {escape(summary.rejects_path)}")
+    console.print(f"rejects: {escape(summary.rejects_path or 'none (every record written)')}")
 
 
 def _nothing_written(summary) -> str:
-    """Why a conversion wrote no record: the CLI's one-line error."""
+    """Why a conversion wrote no record, and what to try: the CLI's one-line error."""
     if not summary.read:
         return f"no records in {', '.join(item.path for item in summary.files)}"
     reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.rejects.most_common())
-    return f"no records written: all {summary.rejected} rejected ({reasons}); see {summary.rejects_path}"
+    hints = "".join(f"; {hint}" for hint in filter(None, (item.from_hint() for item in summary.files)))
+    return f"no records written: all {summary.rejected} rejected ({reasons}); see {summary.rejects_path}{hints}"
 
 
 @app.command("convert")
@@ -97,6 +105,9 @@ def convert_command(
     tool_turns: str = typer.Option("reject", "--tool-turns", help="Records with tool turns: reject (default) or drop those turns."),
     reasoning: str = typer.Option("reject", "--reasoning", help="Assistant turns with reasoning: reject the record "
                                   "(default), drop the reasoning, or think: write it as <think>...</think> before the answer."),
+    media: str = typer.Option("reject", "--media", help="Records with images, audio or video (images/videos/audios "
+                              "keys, <image>-style placeholders, media parts): reject (default), or drop the media "
+                              "and keep the text."),
     no_repair: bool = typer.Option(False, "--no-repair", help="Reject records that need a repair instead of repairing them."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Reject exact duplicate conversations (reason: duplicate)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes for JSON Lines input (1: none)."),
@@ -114,7 +125,7 @@ def convert_command(
 
     options = ConvertOptions(source=source, encoding=encoding, user_col=user_col, assistant_col=assistant_col,
                              system_col=system_col, template=template, system=system, tool_turns=tool_turns,
-                             reasoning=reasoning, repair=not no_repair, dedupe=dedupe, workers=workers)
+                             reasoning=reasoning, media=media, repair=not no_repair, dedupe=dedupe, workers=workers)
 
     with err_console.status("converting...") as status:
 
@@ -131,6 +142,8 @@ def convert_command(
     for item in summary.files:
         if not item.read and summary.read:  # with no records at all, the error below says so
             err_console.print(f"[yellow]warning:[/] {escape(item.path)}: no records (empty input)", soft_wrap=True)
+        elif (hint := item.from_hint()) and summary.output is not None:  # else the error below says it
+            err_console.print(f"[yellow]warning:[/] {escape(hint)}", soft_wrap=True)
     if as_json:
         _print_json(summary.to_dict())
     else:
@@ -139,9 +152,28 @@ def convert_command(
         raise InputError(_nothing_written(summary))
 
 
+def _data_paths(names: list[Path]) -> list[Path]:
+    """The messages files ``names`` stand for, as training reads them: files, folders, globs; the rejects files of
+    convert among them left out, with a note."""
+    from rich.markup import escape
+
+    from minicpm_data.io import expand_data_path, only_rejects, rejects_note
+
+    found, skipped = [], []
+    for name in names:
+        files, rejects = expand_data_path(str(name))
+        found, skipped = found + files, skipped + rejects
+    if skipped and not found:
+        raise only_rejects(skipped)
+    if skipped:
+        err_console.print(f"[yellow]note:[/] {escape(rejects_note(skipped))}", highlight=False, soft_wrap=True)
+    return found
+
+
 @app.command("validate")
 def validate_command(
-    files: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json (list) or .jsonl files."),
+    names: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json (list) or .jsonl files, "
+                                       "folders of them, or globs (as --train_data_path takes them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
 ) -> None:
     """Check files against schemas/messages.schema.json and the turn-order rules; exit 1 on any problem."""
@@ -150,6 +182,7 @@ def validate_command(
 
     from minicpm_data.validate import validate_file
 
+    files = _data_paths(names)
     problems = [problem for path in files for problem in validate_file(path)]
     if as_json:
         _print_json({"files": [str(p) for p in files], "problems": [p.to_dict() for p in problems]})
@@ -157,7 +190,7 @@ def validate_command(
         title = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         table = Table(title=title, title_justify="left", header_style="bold")
         for column in ("file", "record", "line", "pointer", "problem"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")  # a long path wraps in a narrow terminal, never cut
         for problem in problems[:_MAX_PROBLEM_ROWS]:
             table.add_row(escape(problem.file), "" if problem.index is None else str(problem.index),
                           "" if problem.line is None else str(problem.line), escape(problem.pointer),
@@ -215,14 +248,15 @@ def _load_for_render(tokenizer: str, template: str | None, trust_remote_code: bo
 
 @app.command("stats", help="Token statistics of messages files, rendered exactly as training renders them.")
 def stats_command(
-    files: list[Path] = typer.Argument(..., help="Target-format .json / .jsonl files (one column each)."),
+    names: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json / .jsonl files (one "
+                                       "column each), folders of them, or globs."),
     tokenizer: str = typer.Option(..., "--tokenizer", "-t", help=_TOKENIZER_HELP),
-    model_max_length: int = typer.Option(1024, "--model-max-length", "--model_max_length", min=1,
+    model_max_length: int = typer.Option(1024, "--model-max-length", min=1,
                                          help="Training's model_max_length."),
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Per-device batch size, for padding waste."),
-    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
+    train_on: str = typer.Option("all", "--train-on", help=_TRAIN_ON_HELP),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a length histogram PNG here (.png added if missing)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
@@ -236,6 +270,7 @@ def stats_command(
     from minicpm_data.validate import require_valid
 
     plot = None if plot is None else report.plot_path(plot)
+    files = _data_paths(names)
     for file in files:
         require_valid(file)  # what training would refuse is not measured
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
@@ -271,10 +306,10 @@ def inspect_command(
     index: int = typer.Option(0, "--index", "-i", min=0, help="First record to show (0-based)."),
     count: int = typer.Option(1, "-n", "--count", min=1, help="How many records to show from --index."),
     template: str | None = typer.Option(None, "--template", help=_TEMPLATE_HELP),
-    model_max_length: int | None = typer.Option(None, "--model-max-length", "--model_max_length", min=1,
+    model_max_length: int | None = typer.Option(None, "--model-max-length", min=1,
                                                 help="Also show what truncation to this length cuts."),
     truncation: str = typer.Option("right", "--truncation", help=_TRUNCATION_HELP),
-    train_on: str = typer.Option("all", "--train-on", "--train_on", help=_TRAIN_ON_HELP),
+    train_on: str = typer.Option("all", "--train-on", help=_TRAIN_ON_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the tokenizer run its own code."),
 ) -> None:
     from itertools import islice

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
@@ -13,10 +14,14 @@ from minicpm_data.errors import MinicpmError
 err_console = Console(stderr=True)
 
 
-def make_app(name: str, help: str) -> typer.Typer:
-    """A Typer app with our settings: help when called bare, no shell completion, no pretty tracebacks."""
+def make_app(name: str, help: str, *, flag_spelling: Callable[[str], str] | None = None) -> typer.Typer:
+    """A Typer app with our settings: help when called bare, no shell completion, no pretty tracebacks.
+
+    ``flag_spelling`` maps a flag name (without ``--``) to the one spelling the app's commands declare, so
+    the other spelling of a multi-word flag is accepted too, and never shown."""
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False)
+                       pretty_exceptions_enable=False,
+                       context_settings={"token_normalize_func": flag_spelling} if flag_spelling else None)
 
 
 def run_app(app: typer.Typer) -> None:

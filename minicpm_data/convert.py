@@ -18,9 +18,10 @@ from typing import Any
 
 import orjson
 
-from minicpm_data.errors import InputError
-from minicpm_data.io import (TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format, parse_line,
-                              record_writer, require_file, serialize, table_columns)
+from minicpm_data.errors import FormatError, InputError
+from minicpm_data.io import (REJECTS_NAME, TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format,
+                              parse_line, record_writer, require_file, serialize, table_columns)
+from minicpm_data.media import MEDIA_KEY_NAMES, MEDIA_POLICIES, MEDIA_REASONS, media_keys, parts_as_placeholders
 from minicpm_data.repair import REASONING_POLICIES, TOOL_POLICIES, finished_record
 from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
 
@@ -38,6 +39,7 @@ class ConvertOptions:
     system: str | None = None
     tool_turns: str = "reject"
     reasoning: str = "reject"
+    media: str = "reject"  # images, audio, video: reject the record, or drop them and keep the text
     repair: bool = True
     dedupe: bool = False
     workers: int = 1  # worker processes for JSON Lines input (1: convert in this process)
@@ -60,16 +62,27 @@ class FileSummary:
     read: int = 0
     written: int = 0
     rejected: int = 0
+    rejects: Counter = field(default_factory=Counter)  # by reason
+    auto_format: str | None = None  # what auto detects for the file, when --from named another format
+
+    def from_hint(self) -> str | None:
+        """What to do when ``--from`` named a format whose fields the file's records lack, and auto detects another."""
+        missing = self.rejects["missing field"]
+        if not (missing and self.auto_format):
+            return None
+        return (f"{self.path}: {missing} of {self.read} records lack a field --from {self.format} needs; auto detects "
+                f"{self.auto_format} for this file: try --from {self.auto_format}, or leave --from out")
 
 
 @dataclass
 class ConvertSummary:
     """Counts for a run: ``read == written + rejected``, per file, with repairs and rejects by kind.
 
-    ``output`` is ``None`` when no record was written: then no output file is written either."""
+    ``output`` is ``None`` when no record was written: then no output file is written either; ``rejects_path``
+    likewise when no record was rejected."""
 
     output: str | None
-    rejects_path: str
+    rejects_path: str | None
     files: list[FileSummary] = field(default_factory=list)
     repairs: Counter = field(default_factory=Counter)
     rejects: Counter = field(default_factory=Counter)
@@ -97,7 +110,7 @@ class ConvertSummary:
 
 def default_rejects_path(output: Path) -> Path:
     """``data.json`` -> ``data.rejects.jsonl`` beside it."""
-    return output.with_name(f"{output.stem}.rejects.jsonl")
+    return output.with_name(f"{output.stem}.{REJECTS_NAME}")
 
 
 def _check_paths(inputs: Sequence[Path], outputs: Sequence[Path], rejects: Path) -> None:
@@ -126,6 +139,8 @@ def _check_options(options: ConvertOptions) -> None:
         raise InputError(f"unknown tool policy {options.tool_turns!r}; choose one of {', '.join(TOOL_POLICIES)}")
     if options.reasoning not in REASONING_POLICIES:
         raise InputError(f"unknown reasoning policy {options.reasoning!r}; choose one of {', '.join(REASONING_POLICIES)}")
+    if options.media not in MEDIA_POLICIES:
+        raise InputError(f"unknown media policy {options.media!r}; choose one of {', '.join(MEDIA_POLICIES)}")
 
 
 def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: ConvertOptions = ConvertOptions(),
@@ -133,8 +148,9 @@ def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: 
                   progress: Callable[[FileSummary], None] | None = None) -> ConvertSummary:
     """Convert every record of ``inputs`` into ``output``; rejected records go to ``rejects_path``.
 
-    When no record is written (all rejected, or none read) there is no output file; the rejects file
-    is always written.
+    When no record is written (all rejected, or none read) there is no output file (an earlier run's stays as it
+    was); when none is rejected there is no rejects file (an earlier run's is removed when this run writes an
+    output: it would tell of records this output holds).
 
     ``progress`` is called with the file's counts when its format is known (``read == 0``: e.g. to say
     what auto detected) and then every :data:`PROGRESS_EVERY` records.
@@ -146,7 +162,8 @@ def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: 
     rejects = Path(rejects_path) if rejects_path else default_rejects_path(output)
     _check_paths(inputs, [output], rejects)
     summary = ConvertSummary(str(output), str(rejects))
-    with record_writer(output, fmt, skip_empty=True) as out, record_writer(rejects, "jsonl") as rejected:
+    with (record_writer(output, fmt, skip_empty=True) as out,
+          record_writer(rejects, "jsonl", skip_empty=True) as rejected):
         sink = _Sink(summary, out, rejected, dedupe=options.dedupe, progress=progress)
         for path in inputs:
             file_summary = FileSummary(str(path))
@@ -154,6 +171,10 @@ def convert_files(inputs: Sequence[str | Path], output: str | Path, *, options: 
             _convert_file(path, options, file_summary, sink, progress)
     if not out.count:
         summary.output = None
+    if not rejected.count:
+        summary.rejects_path = None
+        if out.count:  # an earlier run's rejects would tell of records this output holds
+            rejects.unlink(missing_ok=True)
     return summary
 
 
@@ -171,15 +192,24 @@ class RecordProcessor:
     def __init__(self, source: Source, options: ConvertOptions, path: Path):
         self.path = path
         self._convert = source.convert
+        self._drop_media = options.media == "drop"
         self._finish = functools.partial(finished_record, repair=options.repair, tool_turns=options.tool_turns,
-                                         reasoning=options.reasoning, verbatim=source.verbatim,
+                                         reasoning=options.reasoning, media=options.media, verbatim=source.verbatim,
                                          default_system=options.system)
 
     def __call__(self, record: Any) -> Outcome:
         try:
             if not isinstance(record, dict):
                 raise RecordRejected("not an object", f"record is {type(record).__name__}")
-            finished, applied = self._finish(self._convert(record))
+            try:
+                conversation = self._convert(record)
+            except RecordRejected as rejection:
+                if not (self._drop_media and rejection.reason in MEDIA_REASONS):
+                    raise
+                # Media parts: as placeholders, which the media policy then drops like any other.
+                conversation = self._convert(parts_as_placeholders(record))
+            keys = None if record.keys().isdisjoint(MEDIA_KEY_NAMES) else media_keys(record)  # the common case inline
+            finished, applied = self._finish(conversation, media_keys=keys) if keys else self._finish(conversation)
         except RecordRejected as rejection:
             return None, [], rejection.reason, rejection.detail
         return serialize(finished), applied, "", ""
@@ -212,6 +242,7 @@ class _Sink:
                     data, reason, detail = None, "duplicate", f"same as {first}"
             if data is None:
                 file.rejected += 1
+                file.rejects[reason] += 1
                 self.summary.rejects[reason] += 1
                 self.rejected.write({"file": file.path, "index": index, "line": line, "reason": reason,
                                      "detail": detail, "record": original(payload)})
@@ -233,6 +264,8 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
     if name == "auto" and head:
         name = detect_format([r.data for r in head], str(path))
         file_summary.detected = True
+    elif name != "csv" and head:
+        file_summary.auto_format = _other_format([r.data for r in head], name)
     file_summary.format = None if name == "auto" else name
     if progress:
         progress(file_summary)
@@ -259,6 +292,15 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
         batches = ((batch, process.process_lines(batch)) for batch in _batches(lines, _LOCAL_BATCH_BYTES))
     for batch, outcomes in batches:
         sink.add(file_summary, batch, outcomes, orjson.loads)
+
+
+def _other_format(records: list[Any], chosen: str) -> str | None:
+    """The format auto detects for ``records`` when it is not ``chosen``; None when it is, or detection fails."""
+    try:
+        detected = detect_format(records, "")
+    except FormatError:
+        return None
+    return None if detected == chosen else detected
 
 
 def _same(record: Any) -> Any:
@@ -318,7 +360,7 @@ def convert_and_split(inputs: Sequence[str | Path], out_dir: str | Path, *, dev_
     dev_indices(0, dev_ratio, seed)  # checks the ratio before any work
     fmt = output_format(f"x.{fmt or 'json'}")
     combined = out_dir / f".converted.{fmt}"
-    rejects = Path(rejects_path) if rejects_path else out_dir / "rejects.jsonl"
+    rejects = Path(rejects_path) if rejects_path else out_dir / REJECTS_NAME
     _check_paths([Path(p) for p in inputs], [*split_paths(out_dir, fmt), combined], rejects)
     summary = convert_files(inputs, combined, options=options, fmt=fmt, rejects_path=rejects, progress=progress)
     if summary.output is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import io
 import os
 import re
@@ -28,6 +29,8 @@ from minicpm_data.conversation import Conversation
 from minicpm_data.errors import InputError
 
 RAW_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+TARGET_SUFFIXES = (".json", ".jsonl")
+REJECTS_NAME = "rejects.jsonl"  # convert's rejects file: OUT.rejects.jsonl beside OUT, DIR/rejects.jsonl with --dev-ratio
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 OUTPUT_FORMATS = ("json", "jsonl")
 _READ_BYTES = 1 << 18
@@ -66,6 +69,30 @@ def _bom_encoding(head: bytes) -> str | None:
         return "utf-8-sig"
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
+    return None
+
+
+def _without_bom_encoding(head: bytes) -> str | None:
+    """UTF-16 or UTF-32 (LE/BE) when a file's first bytes, which have no byte-order mark, say so; None when they
+    hold no NUL byte, or no such layout. JSON and CSV never hold NUL bytes, but in these encodings their ASCII
+    characters (brackets, quotes, commas, newlines) do, on one side of each character."""
+    sample = head[:4096]
+    if b"\0" not in sample:
+        return None
+    sample = sample[:len(sample) // 4 * 4]
+    columns = [sample[offset::4].count(0) * 4 / max(1, len(sample)) for offset in range(4)]
+    if min(columns[2:]) > 0.9 and columns[0] < 0.5:  # every character below U+10000 has two NUL bytes
+        return "utf-32-le"
+    if min(columns[:2]) > 0.9 and columns[3] < 0.5:
+        return "utf-32-be"
+    # UTF-16: characters with one NUL byte, on the high side (LE: second) or the low side. Chinese text has few
+    # ASCII characters (a few percent) and some CJK ones with a NUL low byte (一 is U+4E00); random bytes have both
+    # rarely (1 in 256).
+    units = list(zip(sample[0::2], sample[1::2]))
+    little = sum(1 for first, second in units if second == 0 and first)
+    big = sum(1 for first, second in units if first == 0 and second)
+    if max(little, big) >= 0.02 * len(units):
+        return "utf-16-le" if little >= big else "utf-16-be"
     return None
 
 
@@ -111,6 +138,9 @@ def _pieces(path: Path, encoding: str | None, *, as_bytes: bool = False) -> Iter
     with open(path, "rb") as handle:
         data = handle.read(_READ_BYTES)
         encoding = encoding or _bom_encoding(data)
+        if encoding is None and (unmarked := _without_bom_encoding(data)):
+            raise InputError(f"{path}: looks like {unmarked.upper()} text without a byte-order mark (NUL bytes "
+                             f"between its characters); read it with --encoding {unmarked}, or save it as UTF-8")
         if encoding in ("utf-8", "utf-8-sig"):
             encoding, data = "utf-8", data.removeprefix(codecs.BOM_UTF8)
         lines = 0  # newlines before ``data``
@@ -153,6 +183,42 @@ def require_file(path: Path) -> None:
         raise InputError(f"{path}: is a directory; name the files in it")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+
+
+def is_rejects_file(path: str | Path) -> bool:
+    """Whether ``path`` is named as ``minicpm-data convert`` names its rejects files (``OUT.rejects.jsonl``, or
+    ``rejects.jsonl`` in a ``--dev-ratio`` folder): records it could not convert, never training data."""
+    name = Path(path).name.lower()
+    return name == REJECTS_NAME or name.endswith(f".{REJECTS_NAME}")
+
+
+def expand_data_path(name: str) -> tuple[list[Path], list[Path]]:
+    """The messages files ``name`` stands for, and the rejects files (:func:`is_rejects_file`) it named, which are
+    left out. A glob (``*``, ``?``, ``[``) stands for its matches, a folder for its files, each a ``.json`` or
+    ``.jsonl`` file, sorted; any other name for itself (whether or not it exists). :class:`InputError` when a glob
+    or a folder has no such file."""
+    if any(char in name for char in "*?["):
+        found = [Path(match) for match in sorted(glob.glob(name)) if Path(match).suffix.lower() in TARGET_SUFFIXES]
+        if not found:
+            raise InputError(f"no .json or .jsonl file matches {name}")
+    elif Path(name).is_dir():
+        found = sorted(p for p in Path(name).iterdir() if p.suffix.lower() in TARGET_SUFFIXES and p.is_file())
+        if not found:
+            raise InputError(f"{name}: folder has no .json or .jsonl file")
+    else:
+        found = [Path(name)]
+    return [p for p in found if not is_rejects_file(p)], [p for p in found if is_rejects_file(p)]
+
+
+def rejects_note(skipped: Sequence[Path]) -> str:
+    """What a note says of the rejects files a glob, a folder or a list of names held: they were left out."""
+    return (f"left out {', '.join(map(str, skipped))}: rejects of minicpm-data convert (records it could not "
+            "convert, with the reasons), not training data")
+
+
+def only_rejects(skipped: Sequence[Path]) -> InputError:
+    """The error when every file named was a rejects file."""
+    return InputError(f"{rejects_note(skipped)}; no data file is left: name the converted output")
 
 
 def iter_raw_records(path: str | Path, *, encoding: str | None = None) -> Iterator[RawRecord]:

@@ -10,7 +10,9 @@ Applied in this order; with ``repair=False`` a record that needs any of them is 
 - ``drop trailing user turn``: a conversation must end with the answer.
 
 Tool turns are handled first by the tool policy: ``reject`` (default; reason ``tool turn``) or
-``drop`` (counted as the repair ``drop tool turns``). Then reasoning (reasoning parts, ``reasoning_content``)
+``drop`` (counted as the repair ``drop tool turns``). Then media (media keys, ``<image>``-style placeholders:
+:mod:`minicpm_data.media`) by the media policy: ``reject`` (default; reason ``not text: image``, ``audio`` or
+``video``) or ``drop`` (repair ``drop media``). Then reasoning (reasoning parts, ``reasoning_content``)
 by the reasoning policy: ``reject`` (default; reason ``reasoning``), ``drop`` (repair ``drop reasoning``) or
 ``think`` (repair ``reasoning into <think>``): the assistant content becomes
 ``<think>\n{reasoning}\n</think>\n\n{answer}``, the layout hybrid-thinking chat templates write. A turn's
@@ -19,16 +21,17 @@ by the reasoning policy: ``reject`` (default; reason ``reasoning``), ``drop`` (r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
+from minicpm_data.media import PLACEHOLDER, media_found, without_placeholders
 from minicpm_data.sources.base import TOOL_ROLE, RecordRejected
 from minicpm_data.validate import turn_problems
 
 TOOL_POLICIES = ("reject", "drop")
 REASONING_POLICIES = ("reject", "drop", "think")
-REPAIRS = ("drop tool turns", "drop reasoning", "reasoning into <think>", "strip whitespace", "drop empty turns",
+REPAIRS = ("drop tool turns", "drop media", "drop reasoning", "reasoning into <think>", "strip whitespace", "drop empty turns",
            "merge same-role turns", "drop leading assistant turn", "drop trailing user turn")
 
 Messages = list[Message]
@@ -82,6 +85,18 @@ def _drop_tools(messages: Messages) -> Messages:
     return [m for m in messages if m.role != TOOL_ROLE]
 
 
+def _apply_media(messages: Messages, policy: str, keys: Sequence[str]) -> Messages | None:
+    """The media policy over a record's media keys and its turns' placeholders; the turns without the
+    placeholders (``drop``), or None when the record holds no media."""
+    found = media_found(keys, [m.content for m in messages])
+    if found is None:
+        return None
+    if policy == "reject":
+        kind, where = found
+        raise RecordRejected(f"not text: {kind}", f"{where}; --media drop keeps the text without them")
+    return [Message(m.role, without_placeholders(m.content), m.train, m.reasoning) for m in messages]
+
+
 def _think_content(reasoning: str, answer: str) -> str:
     """The hybrid-thinking layout of an answer with its reasoning (as Qwen3-style templates write it)."""
     return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.lstrip()}"
@@ -123,6 +138,8 @@ def _fast_record(messages: Messages, *, repair: bool, verbatim: bool,
         if message.reasoning is not None:
             return None
         content = message.content
+        if "<" in content and PLACEHOLDER.search(content):  # media: the media policy decides
+            return None
         text = content.strip()
         if not text:
             return None
@@ -141,18 +158,27 @@ def _fast_record(messages: Messages, *, repair: bool, verbatim: bool,
     return {"messages": turns}, ["strip whitespace"] if stripped else []
 
 
-def _repaired(messages: Messages, *, repair: bool, tool_turns: str, reasoning: str,
-              verbatim: bool) -> tuple[Messages, list[str]]:
-    """The tool and reasoning policies and every repair step, in order; the repaired turns and the repairs applied."""
+def _with_policies(messages: Messages, *, tool_turns: str, reasoning: str, media: str,
+                   media_keys: Sequence[str]) -> tuple[Messages, list[str]]:
+    """The tool, media and reasoning policies, in order; the turns and the repairs they applied."""
     applied: list[str] = []
     if any(m.role == TOOL_ROLE for m in messages):
         if tool_turns == "reject":
             raise RecordRejected("tool turn", "has tool turns (function_call / observation / tool)")
         messages = _drop_tools(messages)
         applied.append("drop tool turns")
+    if (without_media := _apply_media(messages, media, media_keys)) is not None:
+        messages = without_media
+        applied.append("drop media")
     if any(m.reasoning is not None for m in messages):
         messages, kind = _apply_reasoning(messages, reasoning)
         applied.append(kind)
+    return messages, applied
+
+
+def _repaired(messages: Messages, *, repair: bool, verbatim: bool) -> tuple[Messages, list[str]]:
+    """Every repair step, in order; the repaired turns and the repairs applied."""
+    applied: list[str] = []
     for kind, step in _STEPS:
         if verbatim and kind == "strip whitespace":
             continue
@@ -166,30 +192,52 @@ def _repaired(messages: Messages, *, repair: bool, tool_turns: str, reasoning: s
 
 
 def finished_record(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
-                    reasoning: str = "reject", verbatim: bool = False,
-                    default_system: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """:func:`finish`, returning the conversation as its target-format record (what convert writes)."""
+                    reasoning: str = "reject", media: str = "reject", media_keys: Sequence[str] = (),
+                    verbatim: bool = False, default_system: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """:func:`finish`, returning the conversation as its target-format record (what convert writes).
+    ``media_keys``: the record's media keys that name files (:func:`minicpm_data.media.media_keys`)."""
     # Fast path: most records need at most stripping; one pass checks that and builds the record.
-    fast = _fast_record(conversation.messages, repair=repair, verbatim=verbatim, default_system=default_system)
+    fast = None if media_keys else _fast_record(conversation.messages, repair=repair, verbatim=verbatim,
+                                                default_system=default_system)
     if fast is not None:
         return fast
-    messages, applied = _repaired(conversation.messages, repair=repair, tool_turns=tool_turns, reasoning=reasoning,
-                                  verbatim=verbatim)
+    given, applied = _with_policies(conversation.messages, tool_turns=tool_turns, reasoning=reasoning, media=media,
+                                    media_keys=media_keys)
+    messages, repairs = _repaired(given, repair=repair, verbatim=verbatim)
+    applied += repairs
     if default_system and not (messages and messages[0].role == "system"):
         messages = [Message("system", default_system), *messages]
     problems = turn_problems([m.role for m in messages])
     if problems:
-        reason = "invalid turn order" if any(m.role == "system" for m in messages[1:]) else "empty conversation"
-        raise RecordRejected(reason, problems[0][1])
+        if any(m.role == "system" for m in messages[1:]):
+            raise RecordRejected("invalid turn order", problems[0][1])
+        raise _no_exchange(given)
     return Conversation(messages).to_record(), applied
 
 
+def _no_exchange(messages: Messages) -> RecordRejected:
+    """Why the repairs left no user/assistant exchange, judged from the turns that hold text before them
+    (after the policies)."""
+    said = [m.role for m in messages if m.role in ("user", "assistant") and m.content.strip()]
+    empty = {m.role for m in messages if m.role in ("user", "assistant") and not m.content.strip()}
+    if not said:
+        what = "no messages" if not messages else "every turn is empty" if empty else "only a system turn"
+        return RecordRejected("empty conversation", what)
+    if "assistant" not in said:
+        return RecordRejected("prompt without answer", "the assistant turn is empty" if "assistant" in empty
+                              else "no assistant turn answers the user turn")
+    if "user" not in said:
+        return RecordRejected("answer without prompt", "the user turn is empty" if "user" in empty
+                              else "no user turn comes before the assistant turn")
+    return RecordRejected("invalid turn order", "every assistant turn comes before the first user turn")
+
+
 def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",
-           reasoning: str = "reject", verbatim: bool = False,
+           reasoning: str = "reject", media: str = "reject", verbatim: bool = False,
            default_system: str | None = None) -> tuple[Conversation, list[str]]:
-    """Apply the tool and reasoning policies and repairs, add ``default_system`` where there is none, check
+    """Apply the tool, media and reasoning policies and repairs, add ``default_system`` where there is none, check
     turn order. Returns the finished conversation and the repairs applied; raises :class:`RecordRejected`.
     """
     record, applied = finished_record(conversation, repair=repair, tool_turns=tool_turns, reasoning=reasoning,
-                                      verbatim=verbatim, default_system=default_system)
+                                      media=media, verbatim=verbatim, default_system=default_system)
     return Conversation.from_record(record), applied

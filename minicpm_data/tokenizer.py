@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpm_data.errors import TokenizerError
+from minicpm_data.model_files import folder_finding, require, tokenizer_findings, vocabulary_findings
 
 # Files a tokenizer can need; a hub download fetches only these (never weights or code).
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -31,13 +32,15 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     """
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        if _looks_like_path(name_or_path):
-            raise TokenizerError(f"tokenizer folder {name_or_path} does not exist")
+        if not is_hub_id(name_or_path):
+            require([folder_finding(folder)])
         folder = _fetch_from_hub(name_or_path)
+    require(tokenizer_findings(folder))  # a missing vocabulary would load as a tokenizer of special tokens only
     tokenizer = _load_local(folder, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise TokenizerError(f"tokenizer in {folder} is not a fast (tokenizers-backed) tokenizer; "
                              "add its tokenizer.json to the folder")
+    require(vocabulary_findings(tokenizer, folder))
     return tokenizer
 
 
@@ -46,8 +49,12 @@ def pad_token_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+def is_hub_id(name: str) -> bool:
+    """Whether a name that is no local folder reads as a hub id (``org/name`` with no local ``org`` folder); any
+    other name is a mistyped local path."""
+    org, slash, _ = name.partition("/")
+    return (bool(slash) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and "\\" not in name
+            and not Path(org).is_dir())
 
 
 def _fetch_from_hub(repo_id: str) -> Path:

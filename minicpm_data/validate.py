@@ -2,8 +2,9 @@
 
 Rules: roles are system, user, assistant; a system turn only first; then user and assistant
 alternate, starting with user and ending with assistant; every content is a non-empty string
-after stripping; only assistant turns may carry ``train`` (true or false); a file holds at least one record. Each problem names the file, record index,
-line (JSON Lines), a JSON pointer and a plain message.
+after stripping; only assistant turns may carry ``train`` (true or false); no record names media files
+(``images``, ``videos``, ``audios``: text models cannot train on them); a file holds at least one record.
+Each problem names the file, record index, line (JSON Lines), a JSON pointer and a plain message.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from minicpm_data.conversation import ROLES
 from minicpm_data.errors import FormatError, InputError
+from minicpm_data.media import media_keys
 
 if TYPE_CHECKING:
     from minicpm_data.io import RawRecord
@@ -104,6 +106,9 @@ def record_problems(record: Any) -> list[tuple[str, str]]:
     problems = [] if _fits_schema(record) else sorted(
         ("".join(f"/{part}" for part in error.absolute_path), _schema_message(error))
         for error in _record_validator().iter_errors(record))
+    if isinstance(record, dict) and (keys := media_keys(record)):
+        problems.append((f"/{keys[0]}", f"media files under {', '.join(keys)}: MiniCPM's text models cannot train on "
+                                        "them (minicpm-data convert --media drop keeps the text)"))
     messages = record.get("messages") if isinstance(record, dict) else None
     # Turn order is checked whenever every role is readable, even if a content is wrong.
     if isinstance(messages, list) and messages and all(isinstance(m, dict) and m.get("role") in ROLES

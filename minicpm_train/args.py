@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ LEGACY_RENAMES = {
 }
 # `--group_by_length` became `--train_sampling_strategy group_by_length`.
 LEGACY_GROUP_BY_LENGTH = "group_by_length"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
 NO_RESUME = (None, "", "false", "False")  # --resume_from_checkpoint values meaning a fresh start
 LOSS_IMPLS = ("auto", "chunked", "fused", "full")  # --loss_impl: how the loss meets lm_head (minicpm_train.loss)
 QLORA_ZERO3 = "QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the guide's QLoRA setting) or zero2"
@@ -78,6 +76,10 @@ class RunOptions:
     data_cache_dir: str | None = field(
         default=None, metadata={"help": "Where tokenized data is cached (default: ~/.cache/minicpm-finetune/tokenized)."}
     )
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over in an --output_dir that holds an earlier run's checkpoints (deletes them)."})
+    force_resume: bool = field(default=False, metadata={
+        "help": "Resume a checkpoint of another model, data or --max_steps anyway (refused otherwise)."})
 
 
 @dataclass
@@ -310,25 +312,34 @@ def _check_required(options: RunOptions, training: dict[str, Any], require_data:
     if options.loss_impl not in LOSS_IMPLS:
         raise ArgumentError(f"--loss_impl must be one of {', '.join(LOSS_IMPLS)}, not {options.loss_impl!r}")
     _check_resume(training.get("resume_from_checkpoint"))
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    """A complete Trainer checkpoint: its trainer_state.json is written last."""
-    return (folder / "trainer_state.json").is_file()
+    if options.overwrite_output_dir and training.get("resume_from_checkpoint") not in NO_RESUME:
+        raise ArgumentError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: drop one of them "
+                            "(--resume_from_checkpoint false turns a config file's off)")
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete ``checkpoint-N`` folder with the highest N (a half-written one is skipped)."""
-    steps = {int(match[1]): p for p in output_dir.glob("checkpoint-*")
-             if (match := _CHECKPOINT.fullmatch(p.name)) and _is_checkpoint(p)}
-    return steps[max(steps)] if steps else None
+    """The complete ``checkpoint-N`` folder with the highest N (a half-written or damaged one is skipped; see
+    :func:`minicpm_train.resume.checkpoint_problem`)."""
+    from minicpm_train.resume import checkpoint_problem, checkpoints
+
+    found = checkpoints(output_dir)
+    return next((found[step] for step in sorted(found, reverse=True) if checkpoint_problem(found[step]) is None), None)
 
 
 def _check_resume(value: str | None) -> None:
-    """``--resume_from_checkpoint`` names a checkpoint folder (``auto`` is resolved when the run starts)."""
-    if value in NO_RESUME or value == "auto" or _is_checkpoint(Path(value)):
+    """``--resume_from_checkpoint`` names a complete checkpoint folder (``auto`` is resolved when the run starts)."""
+    from minicpm_train.resume import checkpoint_problem
+
+    if value in NO_RESUME or value == "auto":
         return
     folder = Path(value)
+    if (folder / "trainer_state.json").is_file():
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return
+        latest = latest_checkpoint(folder.parent)
+        raise ArgumentError(f"--resume_from_checkpoint {value} is damaged: {problem}; pass an earlier checkpoint"
+                            f"{f' (the latest complete one is {latest})' if latest else ''} or auto")
     latest = latest_checkpoint(folder) if folder.is_dir() else None
     if latest is not None:
         raise ArgumentError(f"--resume_from_checkpoint {value} is a run folder, not a checkpoint: pass one of its "

@@ -160,18 +160,33 @@ class LossGuard(TrainerCallback):
                                 f"{WHAT_TO_CHECK}")
 
 
-class TokenizerFiles(TrainerCallback):
-    """Puts the base model's tokenizer files, byte for byte, into every checkpoint the Trainer saves (its own
-    ``save_pretrained`` copy would reload as a different tokenizer for SentencePiece models)."""
+class CheckpointFiles(TrainerCallback):
+    """Puts into every checkpoint the Trainer saves the base model's tokenizer files, byte for byte (its own
+    ``save_pretrained`` copy would reload as a different tokenizer for SentencePiece models), and the run's
+    ``run_config.json``, which a resume checks the checkpoint against."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, source, record: dict):
+        self.source, self.record = source, record
 
     def on_save(self, args, state, control, **kwargs):
-        from pathlib import Path
-
         from minicpm_train.model import copy_tokenizer_files
+        from minicpm_train.resume import write_record
 
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
             copy_tokenizer_files(self.source, checkpoint)
+            write_record(checkpoint, self.record)
+
+
+class ResumeGuard(TrainerCallback):
+    """Stops a resumed run before its first step when the checkpoint leaves no step to train (an epoch-based
+    run's last step is known only once the Trainer counted the batches)."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from minicpm_train.resume import past_the_end
+
+        if state.global_step >= state.max_steps:
+            raise past_the_end(state.global_step, state.max_steps, self.checkpoint)

@@ -19,11 +19,11 @@ class GenerationSettings:
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
-            raise MinicpmError(f"--max-new-tokens must be at least 1, not {self.max_new_tokens}")
+            raise MinicpmError(f"--max_new_tokens must be at least 1, not {self.max_new_tokens}")
         if self.temperature < 0:
             raise MinicpmError(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise MinicpmError(f"--top-p must be in (0, 1], not {self.top_p}")
+            raise MinicpmError(f"--top_p must be in (0, 1], not {self.top_p}")
 
     def generate_kwargs(self) -> dict:
         if self.temperature == 0:

@@ -7,6 +7,7 @@ Heavy libraries are imported inside the commands that need them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -18,8 +19,8 @@ from minicpm_data.cli_app import err_console, make_app, run_app
 from minicpm_train.args import flag_name
 
 app = make_app("minicpm-train", "Train MiniCPM on minicpm-data output; plan memory, check the machine, merge, chat, "
-                                "evaluate. Multi-word flags take either spelling: --max-new-tokens or "
-                                "--max_new_tokens.")
+                                "evaluate. Flags are written as the guide's finetune.py writes them (--max_new_tokens); "
+                                "the other spelling works too (--max-new-tokens).")
 console = Console()
 
 
@@ -61,7 +62,7 @@ def _show_help_all(ctx: typer.Context, value: bool) -> None:
         raise typer.Exit()
 
 
-_HELP_ALL = typer.Option(False, "--help-all", is_eager=True, expose_value=False, callback=_show_help_all,
+_HELP_ALL = typer.Option(False, "--help_all", is_eager=True, expose_value=False, callback=_show_help_all,
                          show_default=False,
                          help="List every Hugging Face TrainingArguments flag (all accepted) with its default, "
                               "and exit.")
@@ -109,7 +110,7 @@ def run_command(
     ctx: typer.Context,
     script: str = _SCRIPT,
     config: str = _CONFIG,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved run and the hardware decisions only."),
+    dry_run: bool = typer.Option(False, "--dry_run", help="Show the resolved run and the hardware decisions only."),
     help_all: bool = _HELP_ALL,
 ) -> None:
     import json
@@ -141,17 +142,24 @@ def run_command(
         if plan.mode == "launcher":
             console.print(" ".join(launcher_command(plan, Path("RESOLVED.json"))), highlight=False)
         return
-    if plan.mode == "launcher":
-        raise typer.Exit(run_launcher(run, plan))
+    from minicpm_train.resume import interrupted_message
 
-    from minicpm_train.callbacks import ProgressCallback
-    from minicpm_train.recipe import train
-
-    progress = ProgressCallback(console)
     try:
-        result = train(run, report=lambda m: console.print(m, highlight=False, markup=False), callbacks=(progress,))
-    finally:
-        progress.stop()  # before an error line, if training stopped on one
+        if plan.mode == "launcher":
+            raise typer.Exit(run_launcher(run, plan))
+
+        from minicpm_train.callbacks import ProgressCallback
+        from minicpm_train.recipe import train
+
+        progress = ProgressCallback(console)
+        try:
+            result = train(run, report=lambda m: console.print(m, highlight=False, markup=False), callbacks=(progress,))
+        finally:
+            progress.stop()  # before an error line, if training stopped on one
+    except KeyboardInterrupt:  # Ctrl-C: one line on what was saved and how to go on, exit code 130 as for SIGINT
+        err_console.print(escape(interrupted_message(Path(run.training["output_dir"]), sys.argv[1:])),
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     final = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
     console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
 
@@ -211,7 +219,7 @@ def _show_plan(report) -> None:
     verdict = report.verdict
     style = _VERDICT_STYLE[verdict]
     if report.gpu_memory is None:
-        console.print(f"[{style}]verdict: unknown[/] (no GPU detected: pass --gpu-memory GB)", highlight=False)
+        console.print(f"[{style}]verdict: unknown[/] (no GPU detected: pass --gpu_memory GB)", highlight=False)
     else:
         gpu = f"{report.gpu_name}, " if report.gpu_name else ""
         console.print(f"[{style}]verdict: {verdict}[/] ({_gib(e.total)} of {gpu}{_gib(report.gpu_memory)} per GPU)",
@@ -240,17 +248,17 @@ def _show_comparison(comparison) -> None:
     "plan",
     passthrough=True,
     help="Estimate per-GPU memory of a run before starting it: the same flags and --config as run; "
-         "--from-run compares a finished run's plan with what it measured.",
+         "--from_run compares a finished run's plan with what it measured.",
 )
 def plan_command(
     ctx: typer.Context,
     script: str = _SCRIPT,
     config: str = _CONFIG,
-    gpu_memory: float = typer.Option(None, "--gpu-memory", help="GPU memory in GB (GiB) to judge against; "
+    gpu_memory: float = typer.Option(None, "--gpu_memory", help="GPU memory in GB (GiB) to judge against; "
                                                                  "default: the detected GPU."),
-    pad_to_max: bool = typer.Option(False, "--pad-to-max", help="Plan as OpenBMB's finetune.py ran: every sample "
+    pad_to_max: bool = typer.Option(False, "--pad_to_max", help="Plan as OpenBMB's finetune.py ran: every sample "
                                                                 "padded to model_max_length, full logits."),
-    from_run: str = typer.Option(None, "--from-run", help="A finished run's output folder: its plan against the "
+    from_run: str = typer.Option(None, "--from_run", help="A finished run's output folder: its plan against the "
                                                           "GPU memory it measured."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     help_all: bool = _HELP_ALL,
@@ -262,7 +270,7 @@ def plan_command(
         from minicpm_train.plan import PlanError
 
         if ctx.args or script or config or pad_to_max:
-            raise PlanError("--from-run takes no run flags: it plans from the run's own run_config.json")
+            raise PlanError("--from_run takes no run flags: it plans from the run's own run_config.json")
         with _quiet_loading():
             comparison = compare_run(from_run)
         if as_json:
@@ -287,11 +295,13 @@ _TEMPLATE = typer.Option(None, "--template", help="Chat layout: chatml or minicp
 
 
 @_command("doctor", help="Check what a run depends on: Python, torch/CUDA, GPUs, bf16, NCCL, DeepSpeed ops, "
-                         "bitsandbytes, library versions; with --model, the class the folder loads with.")
+                         "bitsandbytes, library versions; with --model, the folder's files and the class it "
+                         "loads with.")
 def doctor_command(
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
-    model: str = typer.Option(None, "--model", help="A model folder: say which class it loads with (built-in "
-                                                    "MiniCPM, transformers' own, or its remote code)."),
+    model: str = typer.Option(None, "--model", help="A model folder: check its files (every problem at once) and "
+                                                    "say which class it loads with (built-in MiniCPM, "
+                                                    "transformers' own, or its remote code)."),
     trust_remote_code: bool = _TRUST,
 ) -> None:
     import dataclasses
@@ -299,12 +309,12 @@ def doctor_command(
 
     from rich.table import Table
 
-    from minicpm_train.doctor import check, gather, model_check, overall
+    from minicpm_train.doctor import check, gather, model_checks, overall
 
     checks = check(gather())
     if model:
         with _quiet_loading():
-            checks.append(model_check(model, trust_remote_code=trust_remote_code))
+            checks += model_checks(model, trust_remote_code=trust_remote_code)
     verdict = overall(checks)
     if as_json:
         print(json.dumps({"verdict": verdict, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
@@ -355,9 +365,9 @@ def chat_command(
     adapter: str = _ADAPTER,
     system: str = typer.Option(None, "--system", help="System message for the conversation."),
     prompt: str = typer.Option(None, "--prompt", help="Answer this one message and exit."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer in tokens."),
+    max_new_tokens: int = typer.Option(512, "--max_new_tokens", help="Longest answer in tokens."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold."),
+    top_p: float = typer.Option(0.9, "--top_p", help="Nucleus sampling threshold."),
     template: str = _TEMPLATE,
     trust_remote_code: bool = _TRUST,
 ) -> None:
@@ -437,12 +447,12 @@ def eval_command(
     output: str = typer.Option(None, "-o", "--output",
                                help="Predictions JSONL (default: eval_<data>.jsonl in the adapter/model folder)."),
     labels: str = typer.Option("auto", "--labels", help="auto, none, or the label set: a,b,c."),
-    generate: bool = typer.Option(None, "--generate/--no-generate",
+    generate: bool = typer.Option(None, "--generate/--no_generate",
                                   help="Greedy answers for every sample (default: only for a label set)."),
     max_length: int = typer.Option(None, "--model_max_length",
                                    help="Truncate samples (default: the run's, from its run_config.json)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest free-form answer."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward pass."),
+    max_new_tokens: int = typer.Option(256, "--max_new_tokens", help="Longest free-form answer."),
+    batch_size: int = typer.Option(8, "--batch_size", help="Samples per forward pass."),
     template: str = _TEMPLATE,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     trust_remote_code: bool = _TRUST,

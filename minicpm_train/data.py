@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import inspect
 import json
@@ -38,13 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minicpm_data.errors import MinicpmError
+from minicpm_data.io import expand_data_path, only_rejects, rejects_note
 
 if TYPE_CHECKING:
     import numpy as np
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 2  # the on-disk layout; part of the cache key, so another layout is never misread
-DATA_SUFFIXES = (".json", ".jsonl")
 LOCAL_MAIN_HEAD_START = 30.0  # seconds other local ranks leave the local main process to take the lock first
 _WRITE_BATCH = 4096  # samples per write to the cache files
 _PROGRESS_EVERY = 1024  # samples per progress report
@@ -52,6 +51,11 @@ _PROGRESS_EVERY = 1024  # samples per progress report
 
 class DataError(MinicpmError):
     """The training data cannot be used (invalid records, nothing left to train on)."""
+
+
+class CacheDamaged(DataError):
+    """A cache folder whose files no longer match its ``meta.json`` (truncated, emptied or removed after it was
+    written); :func:`load_supervised` renders it again."""
 
 
 @dataclass
@@ -67,6 +71,7 @@ class DataSummary:
     trained_tokens: int
     max_length: int
     from_cache: bool = False
+    notes: list[str] = field(default_factory=list)  # what loading had to repair (a damaged cache rendered again)
     weight: float = 1.0  # how many times each used sample is seen per epoch
     epoch_samples: int = 0  # samples per epoch after weighting
     files: list[dict[str, Any]] = field(default_factory=list)
@@ -172,26 +177,28 @@ class MixedDataset:
 
 def data_files(spec: str) -> list[tuple[Path, float]]:
     """``(file, weight)`` for a ``--train_data_path`` / ``--eval_data_path`` value: comma-separated files,
-    folders (their .json / .jsonl files) or globs, each with an optional ``:WEIGHT`` (default 1)."""
+    folders (their .json / .jsonl files) or globs, each with an optional ``:WEIGHT`` (default 1). Rejects files of
+    ``minicpm-data convert`` are left out (:func:`left_out_rejects` names them)."""
     files = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, weight = _split_weight(item)
-        if any(char in name for char in "*?["):
-            matches = [Path(match) for match in sorted(glob.glob(name)) if Path(match).suffix.lower() in DATA_SUFFIXES]
-            if not matches:
-                raise DataError(f"no .json or .jsonl file matches {name}")
-        elif Path(name).is_dir():
-            matches = sorted(p for p in Path(name).iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
-            if not matches:
-                raise DataError(f"{name}: folder has no .json or .jsonl file")
-        elif Path(name).is_file():
-            matches = [Path(name)]
-        else:
+    for name, weight, matches, _ in _expanded(spec):
+        if not all(match.is_file() for match in matches):
             raise DataError(f"data file not found: {name}")
         files += [(match, weight) for match in matches]
     if not files:
-        raise DataError(f"no data file named in {spec!r}")
+        skipped = left_out_rejects(spec)
+        raise only_rejects(skipped) if skipped else DataError(f"no data file named in {spec!r}")
     return files
+
+
+def left_out_rejects(spec: str) -> list[Path]:
+    """The rejects files of ``minicpm-data convert`` that ``spec``'s names, folders or globs held: never data."""
+    return [path for *_, rejects in _expanded(spec) for path in rejects]
+
+
+def _expanded(spec: str) -> list[tuple[str, float, list[Path], list[Path]]]:
+    """``(name, weight, files, rejects files)`` for each comma-separated item of ``spec``."""
+    return [(name, weight, *expand_data_path(name))
+            for name, weight in map(_split_weight, filter(None, (part.strip() for part in spec.split(","))))]
 
 
 def _split_weight(item: str) -> tuple[str, float]:
@@ -227,8 +234,11 @@ def load_data(spec: str, tokenizer, *, max_length: int, cache_dir: str | Path | 
     """Load every file of ``spec`` (see :func:`data_files`): per file its weighted dataset and summary,
     and the summary of them all (the single file's own when there is one). ``options``: as :func:`load_supervised`."""
     loaded = []
+    skipped = left_out_rejects(spec)
     for path, weight in data_files(spec):
         dataset, summary = load_supervised(path, tokenizer, max_length=max_length, cache_dir=cache_dir, **options)
+        if skipped and not loaded:  # said once, with the first file
+            summary.notes.append(rejects_note(skipped))
         summary.weight = weight
         if weight != 1:
             dataset = MixedDataset([dataset], weighted_picks(len(dataset), weight))
@@ -291,7 +301,10 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
     target = folder / cache_key(path, tokenizer, template=template, max_length=max_length, truncation=truncation,
                                 render_options=render_options)
     if target.is_dir():
-        return _open_cache(target)
+        try:
+            return _open_cache(target)
+        except CacheDamaged:
+            pass  # rendered again below, under the lock
     lock = FileLock(f"{target}.lock")
     if not local_main:  # let the local main process render (it shows the progress bar); map what it writes
         deadline = time.monotonic() + LOCAL_MAIN_HEAD_START
@@ -302,21 +315,33 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
                 break  # someone renders: wait for them below
             lock.release()
             time.sleep(0.2)
+    notes = []
     with lock:
         if target.is_dir():
-            return _open_cache(target)
-        for stale in folder.glob(f"{target.name}.tmp-*"):  # left by a killed run
+            try:
+                return _open_cache(target)
+            except CacheDamaged as damage:
+                notes.append(f"the tokenized cache of {path} in {target} was damaged ({damage}); rendered it again")
+                target.rename(target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:12]}"))  # removed below
+        for stale in folder.glob(f"{target.name}.tmp-*"):  # left by a killed run, or damaged
             shutil.rmtree(stale, ignore_errors=True)
         _render_into(target, path, tokenizer, template=template, max_length=max_length, truncation=truncation,
                      render_options=render_options, on_progress=on_progress)
     dataset, summary = _open_cache(target)
-    summary.from_cache = False
+    summary.from_cache, summary.notes = False, notes
     return dataset, summary
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, read once per version of the file (its size and modification time)."""
+    stat = path.stat()
+    return _sha256_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_file(path: str, size: int, modified: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -344,7 +369,7 @@ def _renderer_fingerprint() -> str:
 def cache_key(path: Path, tokenizer, *, template: str, max_length: int, truncation: str,
               render_options: Mapping[str, Any] | None = None) -> str:
     """The cache folder name of one file rendered one way."""
-    parts = [f"format {CACHE_FORMAT}", _sha256_file(path), tokenizer_fingerprint(tokenizer), template,
+    parts = [f"format {CACHE_FORMAT}", file_sha256(path), tokenizer_fingerprint(tokenizer), template,
              str(max_length), truncation, json.dumps(dict(render_options or {}), sort_keys=True, default=str),
              _renderer_fingerprint()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
@@ -461,7 +486,10 @@ def _render_into(target: Path, path: Path, tokenizer, *, template: str, max_leng
                               dropped_no_trained_tokens=writer.records - writer.used, truncated=writer.truncated,
                               tokens=writer.tokens, trained_tokens=writer.trained_tokens, max_length=max_length)
         meta = {"format": CACHE_FORMAT, "dtype": writer.dtype, "summary": summary.to_dict()}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        with (partial / "meta.json").open("w") as handle:  # written last: the marker of a complete cache
+            handle.write(json.dumps(meta, indent=1) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         try:
             partial.rename(target)  # atomic: a reader sees the whole cache or none
         except OSError:
@@ -474,11 +502,26 @@ def _render_into(target: Path, path: Path, tokenizer, *, template: str, max_leng
 
 
 def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
-    """Map a complete cache folder: nothing is read into memory beyond the offsets."""
+    """Map a complete cache folder: nothing is read into memory beyond the offsets.
+
+    ``meta.json`` is written last, so it marks a complete cache; the files' sizes are checked against the counts
+    it holds, and the lengths against the token count, before anything is mapped (:class:`CacheDamaged` if not).
+    """
     import numpy as np
 
-    meta = json.loads((target / "meta.json").read_text())
-    summary = DataSummary(**meta["summary"])
+    try:
+        meta = json.loads((target / "meta.json").read_text())
+        summary = DataSummary(**meta["summary"])
+        itemsize = np.dtype(meta["dtype"]).itemsize
+    except FileNotFoundError:
+        raise CacheDamaged("meta.json, written last when the cache is complete, is missing") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise CacheDamaged(f"meta.json is unreadable: {error}") from None
+    for name, size in (("input_ids.bin", summary.tokens * itemsize), ("trained.bin", summary.tokens),
+                       ("lengths.bin", summary.used * 8)):
+        held = (target / name).stat().st_size if (target / name).is_file() else None
+        if held != size:
+            raise CacheDamaged(f"{name} is {'missing' if held is None else f'{held:,} bytes'}, {size:,} expected")
     summary.from_cache = True
 
     def mapped(name: str, dtype: str) -> "np.ndarray":
@@ -486,6 +529,8 @@ def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
 
     offsets = np.zeros(summary.used + 1, dtype=np.int64)
     np.cumsum(mapped("lengths.bin", "int64"), out=offsets[1:])
+    if offsets[-1] != summary.tokens:
+        raise CacheDamaged(f"lengths.bin adds up to {int(offsets[-1]):,} tokens, {summary.tokens:,} expected")
     return SupervisedDataset(mapped("input_ids.bin", meta["dtype"]), mapped("trained.bin", "bool"), offsets), summary
 
 

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minicpm_train.launch import NCCL_CONSUMER_ENV, Device
 
@@ -241,20 +242,34 @@ def check(env: Environment) -> list[Check]:
     return checks + _gpu_checks(env) + _package_checks(env) + _deepspeed_checks(env) + _bnb_check(env)
 
 
-def model_check(folder: str, *, trust_remote_code: bool = False) -> Check:
-    """Which class a model folder loads with: the built-in MiniCPM class, transformers' own, or its remote code."""
+def model_checks(folder: str, *, trust_remote_code: bool = False) -> list[Check]:
+    """A model folder: every finding of the folder check at once (config.json, tokenizer files, weights), else
+    the tokenizer it loads and the class it loads with (the built-in MiniCPM class, transformers' own, or its
+    remote code)."""
     from minicpm_data.errors import MinicpmError
-    from minicpm_train.model import loading_notices, model_class, read_model_config
+    from minicpm_data.tokenizer import load_tokenizer
+    from minicpm_train.model import check_model_folder, loading_notices, model_class
 
     try:
-        config = read_model_config(folder, trust_remote_code=trust_remote_code)
+        config, findings = check_model_folder(Path(folder), trust_remote_code=trust_remote_code)
     except MinicpmError as error:
-        return Check("model class", folder, "fail", str(error))
+        return [Check("model class", folder, "fail", str(error))]
+    if findings:
+        return [Check("model files", str(f.path), "fail", f"{f.problem}; {f.fix}") for f in findings]
+    checks = [Check("model files", folder, "ok", "config.json, tokenizer files and weights whole and consistent")]
+    try:
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        vocab_size = config.get("vocab_size")
+        checks.append(Check("tokenizer", f"{len(tokenizer):,} tokens", "ok",
+                            f"config.json's vocab_size: {vocab_size:,}" if isinstance(vocab_size, int) else ""))
+    except MinicpmError as error:
+        checks.append(Check("tokenizer", folder, "fail", str(error)))
     loads_with = model_class(config, trust_remote_code=trust_remote_code)
     advice = "; ".join(loading_notices(config, trust_remote_code=trust_remote_code))
     if loads_with.source == "remote code":
         advice = advice or "runs the folder's own Python code, written for the transformers version it names"
-    return Check("model class", str(loads_with), "warn" if loads_with.source == "remote code" else "ok", advice)
+    return checks + [Check("model class", str(loads_with), "warn" if loads_with.source == "remote code" else "ok",
+                           advice)]
 
 
 def overall(checks: list[Check]) -> str:

@@ -1,9 +1,9 @@
 """What ``minicpm-train run --help`` and ``plan --help`` show: the run's flags in groups, each own flag with its
-default, and ``--help-all``: every Hugging Face ``TrainingArguments`` flag, from transformers' own parser.
+default, and ``--help_all``: every Hugging Face ``TrainingArguments`` flag, from transformers' own parser.
 
 The groups are a mapping keyed by flag name, so a new :class:`~minicpm_train.args.RunOptions` field only needs
 its name added to one group (a test checks that every field is in exactly one). ``--help`` never imports
-transformers: the Hugging Face flags of the guide's group are described here, their defaults by ``--help-all``.
+transformers: the Hugging Face flags of the guide's group are described here, their defaults by ``--help_all``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "LoRA and QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target"),
     "Data, template, packing and cache": ("template", "train_on", "truncation", "packing", "data_cache_dir"),
     "Precision, loss and remote code": ("precision", "loss_impl", "trust_remote_code"),
+    "Re-runs into an output folder": ("overwrite_output_dir", "force_resume"),
     DEVICE_GROUP: ("include", "exclude", "num_gpus", "num_nodes", "hostfile", "master_port", "master_addr"),
 }
 
@@ -55,7 +56,7 @@ FLAG_HELP: dict[str, str] = {
     "logging_steps": "Log the loss every N steps (here: step 1, then every 10, unless given).",
     "deepspeed": "A config file, inline JSON, or a preset: zero2, zero2_offload, zero3, zero3_offload; "
                  "none switches it off.",
-    "resume_from_checkpoint": "A checkpoint-N folder, or auto: the latest in --output_dir.",
+    "resume_from_checkpoint": "A checkpoint-N folder, or auto: the latest complete one in --output_dir.",
     "include": "GPUs to use: localhost:0,1 (or host1:0,1@host2:2).",
     "exclude": "GPUs not to use, in --include's form.",
     "num_gpus": "GPUs per node (torchrun: --nproc_per_node).",
@@ -89,7 +90,7 @@ class FlagLine:
 
     flag: str
     help: str
-    default: str | None  # None: a Hugging Face flag, whose default --help-all shows
+    default: str | None  # None: a Hugging Face flag, whose default --help_all shows
 
 
 def own_fields() -> dict[str, dataclasses.Field]:
@@ -144,7 +145,7 @@ def render_groups(console, command_path: str) -> None:
         console.print(Panel(table, title=group, title_align="left", box=box.ROUNDED, border_style="dim"))
     console.print(Padding(
         f"\\[HF]: a Hugging Face TrainingArguments flag. Every TrainingArguments flag is accepted, in either "
-        f"spelling (--max_steps or --max-steps); [bold]{escape(command_path)} --help-all[/] lists them with "
+        f"spelling (--max_steps or --max-steps); [bold]{escape(command_path)} --help_all[/] lists them with "
         f"their defaults.", (0, 1)), highlight=False)
 
 

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minicpm_data.model_files import Finding, adapter_findings, folder_finding, read_json_file, require
 from minicpm_train.model import DTYPES, ModelError, from_pretrained, loading_notices, read_model_config
 
 _LORA_WEIGHT = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")  # a saved LoRA A or B matrix
@@ -30,8 +30,8 @@ def resolve_folders(model: str | Path, adapter: str | Path | None) -> tuple[Path
     """(base model folder, adapter folder or None), accepting an adapter folder given as the model."""
     model = Path(model)
     if adapter is None and (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
-        adapter_config = json.loads((model / "adapter_config.json").read_text(encoding="utf-8"))
-        base = adapter_config.get("base_model_name_or_path")
+        require(adapter_findings(model))
+        base = read_json_file(model / "adapter_config.json")[0].get("base_model_name_or_path")
         if not base or not (Path(base) / "config.json").is_file():
             raise ModelError(f"{model} is a LoRA adapter whose base model {base!r} is not a local folder here; "
                              "pass the base folder as MODEL and this folder as --adapter")
@@ -39,8 +39,10 @@ def resolve_folders(model: str | Path, adapter: str | Path | None) -> tuple[Path
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
+            require([folder_finding(adapter)])
             raise ModelError(f"--adapter {adapter}: no adapter_config.json there (a LoRA run's output folder, or "
                              "one of its checkpoint-N folders)")
+        require(adapter_findings(adapter))
     return model, adapter
 
 
@@ -153,5 +155,12 @@ def training_options(loaded: LoadedModel) -> dict:
     """The options a run trained with (its ``run_config.json``), so eval and chat render as it did."""
     for folder in (loaded.adapter, loaded.base):
         if folder is not None and (folder / "run_config.json").is_file():
-            return json.loads((folder / "run_config.json").read_text(encoding="utf-8")).get("options", {})
+            record, finding = read_json_file(folder / "run_config.json")
+            options = (record or {}).get("options")
+            if finding or not isinstance(options, dict):
+                fix = ("pass --template and --model_max_length yourself, and restore the file from the run (or "
+                       "delete it)")
+                require([Finding(folder / "run_config.json", finding.problem if finding else "has no run options",
+                                 fix)])
+            return options
     return {}

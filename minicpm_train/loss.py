@@ -75,7 +75,7 @@ def choose_loss_impl(requested: str, *, device_type: str, installed: set[str], z
                else "no usable fused kernel is installed (pip install liger-kernel)")
         raise LossError(f"--loss_impl fused: {why}; use --loss_impl chunked")
     where = " (install liger-kernel for the fused kernel)" if device_type == "cuda" and zero_stage != 3 else ""
-    return LossChoice("chunked", None, f"loss: chunked, {CHUNK_SIZE} positions at a time through lm_head{where}")
+    return LossChoice("chunked", None, f"loss: chunked, {CHUNK_SIZE:,} positions at a time through lm_head{where}")
 
 
 def head_problem(model) -> str | None:

@@ -4,7 +4,7 @@
 rank, ``torch.cuda.max_memory_allocated`` (tensors), ``torch.cuda.max_memory_reserved`` (what the caching
 allocator held) and what the device has in use outside PyTorch's reserve (CUDA context, NCCL, other
 processes: ``torch.cuda.mem_get_info``), and gathers them on rank 0. The recipe writes them into
-``metrics.json`` with the plan for the same run; ``plan --from-run`` re-plans a finished run and compares.
+``metrics.json`` with the plan for the same run; ``plan --from_run`` re-plans a finished run and compares.
 On CPU runs nothing is measured and nothing is claimed.
 """
 

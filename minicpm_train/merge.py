@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpm_train.inference import load_model, resolve_folders, tokenizer_folder
-from minicpm_train.model import DTYPES, ModelError, copy_tokenizer_files
+from minicpm_train.model import BUILT_IN, DTYPES, ModelError, copy_tokenizer_files, model_class
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -73,4 +73,15 @@ def merge_adapter(model: str | Path, adapter: str | Path | None, output_dir: str
     _keep_modelling_files(base, output_dir, loaded.config)
     parameters = sum(p.numel() for p in merged.parameters())
     files = sorted(p.name for p in output_dir.iterdir() if p.is_file())
-    return MergeResult(output_dir, base, adapter_dir, saved, parameters, files, loaded.notices)
+    return MergeResult(output_dir, base, adapter_dir, saved, parameters, files,
+                       loaded.notices + where_it_loads(output_dir, loaded.config))
+
+
+def where_it_loads(output_dir: Path, config: dict) -> list[str]:
+    """For a merged MiniCPM-1/2/4 folder that keeps OpenBMB's code: where that code runs, and the way that runs
+    here (OpenBMB's modelling files fail to import under transformers 5)."""
+    if not (config.get("auto_map") and model_class(config, trust_remote_code=True) is BUILT_IN):
+        return []
+    return [f"{output_dir} keeps OpenBMB's modelling code, which runs (trust_remote_code) only under transformers 4 "
+            "(OpenBMB's scripts, vLLM); under transformers 5, as here, use `minicpm-train chat` / `eval` on it, or call "
+            "minicpm_train.modeling.register_minicpm() before AutoModelForCausalLM.from_pretrained in Python"]

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm_data.errors import MinicpmError
+from minicpm_data.model_files import (
+    DOWNLOAD_AGAIN,
+    Finding,
+    Tensor,
+    and_more,
+    architecture_findings,
+    model_folder_findings,
+    require,
+)
+from minicpm_data.tokenizer import is_hub_id
 
 # The attention projections OpenBMB's guide adapts (r 64, alpha 32, dropout 0.1), per architecture.
 DEFAULT_LORA_TARGETS = {
@@ -60,17 +69,31 @@ def model_class(config: dict, *, trust_remote_code: bool) -> ModelClass | None:
 
 
 def read_model_config(path: str | Path, *, trust_remote_code: bool) -> dict:
-    """The folder's ``config.json``, after checking the folder exists and that a class can load it.
+    """The folder's ``config.json``, after :func:`check_model_folder` found nothing wrong with the folder.
 
     A folder of a built-in model type gets the built-in class registered with the Auto classes here, so
     everything that loads it afterwards (model, tokenizer, config) runs none of the folder's own code.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ModelError(f"model folder not found or has no config.json: {folder} (models load offline from a "
-                         f"local folder: download it first, e.g. `hf download {_hub_repo(str(path))} --local-dir DIR`)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if not folder.exists() and is_hub_id(str(path)):
+        raise ModelError(f"{path} is not a local folder: models load offline from one; download it first "
+                         f"(`hf download {path} --local-dir DIR`) and pass DIR")
+    config, findings = check_model_folder(folder, trust_remote_code=trust_remote_code)
+    require(findings)
+    return config
+
+
+def check_model_folder(folder: Path, *, trust_remote_code: bool) -> tuple[dict | None, list[Finding]]:
+    """The one check of a model folder that every command loading one runs first (``doctor --model`` shows all
+    its findings): ``minicpm_data.model_files``' checks of config.json, the tokenizer's files and the weights;
+    then the class that will load it (a :class:`ModelError` when none can); then the weights' shapes against
+    the model that class builds from config.json, on the meta device (nothing allocated, seconds for an 8B).
+
+    Returns the config (None when it is unreadable) and the findings.
+    """
+    config, tensors, findings = model_folder_findings(folder)
+    if config is None or findings:
+        return config, findings
     loads_with = model_class(config, trust_remote_code=trust_remote_code)
     if loads_with is BUILT_IN:
         _check_built_in_config(folder, config)
@@ -80,7 +103,46 @@ def read_model_config(path: str | Path, *, trust_remote_code: bool) -> dict:
         needs = loads_with.name if loads_with else "its own modelling code"
         raise ModelError(f"{folder}: model type {config.get('model_type')!r} is not in transformers and runs "
                          f"{needs} from the folder; add --trust_remote_code if you trust that code")
-    return config
+    if tensors is None:  # .bin weights: their shapes need torch to read
+        tensors = _bin_tensors(folder)
+        findings += architecture_findings(folder, config, tensors)
+    return config, findings + (_shape_findings(folder, config, tensors, trust_remote_code) if not findings else [])
+
+
+def _bin_tensors(folder: Path) -> dict[str, Tensor]:
+    """Names and shapes of ``pytorch_model*.bin`` weights, read onto the meta device (no tensor data is read)."""
+    import torch
+
+    tensors = {}
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        tensors.update({name: Tensor(str(t.dtype), tuple(t.shape)) for name, t in state.items()
+                        if isinstance(t, torch.Tensor)})
+    return tensors
+
+
+def _shape_findings(folder: Path, config: dict, tensors: dict[str, Tensor], trust_remote_code: bool) -> list[Finding]:
+    """The model config.json describes, built on the meta device, against the weights' shapes (a mismatch would
+    stop transformers' load with a traceback). Tensors only one side has are left to the load report."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = folder / "config.json"
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            built = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
+            model = AutoModelForCausalLM.from_config(built, trust_remote_code=trust_remote_code)
+    except Exception as error:  # any reason the config builds no model is the config's problem, said in one line
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return [Finding(path, f"describes no model transformers can build: {reason}", "correct it, or download it "
+                                                                                       "again")]
+    for name, value in model.state_dict().items():
+        held = tensors.get(name)
+        if held is not None and tuple(value.shape) != held.shape:
+            return [Finding(path, f"describes {name} as {list(value.shape)} but the weights hold {list(held.shape)}",
+                            f"use the config.json that came with these weights, or {DOWNLOAD_AGAIN}")]
+    return []
 
 
 def _check_built_in_config(folder: Path, config: dict) -> None:
@@ -125,7 +187,13 @@ def from_pretrained(folder: str | Path, **kwargs):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SparseAttentionNotice)
-        return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        model, report = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                             output_loading_info=True, **kwargs)
+    missing = sorted(report["missing_keys"])
+    if missing:  # transformers' load report names them, then carries on with random weights in their place
+        raise ModelError(f"{folder}: the weights lack {and_more(missing)}, which {type(model).__name__} would fill "
+                         "with random weights; download the weights again")
+    return model
 
 
 def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
@@ -158,16 +226,6 @@ def _check_remote_code_files(folder: Path, config: dict) -> None:
         raise ModelError(f"{folder}: --trust_remote_code runs the folder's own code, but {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not there; copy the model's .py files into it, or "
                          "drop --trust_remote_code to use transformers' own class for this model type")
-
-
-def _hub_repo(name: str) -> str:
-    """The hub repository a missing model name most likely means, for the download hint."""
-    from minicpm_train.model_sizes import is_known_name
-
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return name  # already an org/name hub id
-    stem = name.rstrip("/").rsplit("/", 1)[-1]
-    return f"openbmb/{stem}" if is_known_name(stem) else "openbmb/MiniCPM4-0.5B"
 
 
 def lora_targets(model, model_type: str, requested: str | None) -> list[str] | str:

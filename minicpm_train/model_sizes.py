@@ -7,7 +7,6 @@ two RMSNorms, the final norm, and ``lm_head`` unless it is tied to the embedding
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +203,12 @@ def resolve_architecture(model: str) -> tuple[Architecture, str]:
 
     Returns the architecture and where its numbers came from.
     """
+    from minicpm_data.model_files import config_findings, require
+
     folder = Path(model).expanduser()
     if (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config, findings = config_findings(folder)  # what a plan reads (a folder of config.json alone plans too)
+        require(findings)
         return Architecture.from_config(config, folder.name), str(folder / "config.json")
     if is_known_name(model):
         key = _normalise(model)

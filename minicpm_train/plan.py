@@ -245,8 +245,9 @@ def logits_bytes(arch: Architecture, settings: PlanSettings) -> tuple[int, str]:
     from minicpm_train.loss import CHUNK_SIZE
 
     chunk = min(tokens, CHUNK_SIZE)
-    return chunk * arch.vocab_size * (c + 8), f"--loss_impl {settings.loss_impl}: one chunk of {chunk:,} positions " \
-                                              "at a time"
+    fits = f"; this batch's {tokens:,} are one chunk" if tokens < CHUNK_SIZE else ""
+    return chunk * arch.vocab_size * (c + 8), f"--loss_impl {settings.loss_impl}: chunks of {CHUNK_SIZE:,} positions " \
+                                              f"through lm_head, one at a time{fits}"
 
 
 def _deepspeed_model_states(stage: int, trainable: int, largest_trainable: int, gpus: int,
@@ -600,7 +601,7 @@ def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib
     from minicpm_train.model_sizes import resolve_architecture
 
     if gpu_memory_gib is not None and gpu_memory_gib <= 0:
-        raise PlanError(f"--gpu-memory must be more than 0 GB, not {gpu_memory_gib:g}")
+        raise PlanError(f"--gpu_memory must be more than 0 GB, not {gpu_memory_gib:g}")
     run = resolve_script(script, argv)[1] if script else parse_run_args(argv, require_data=False)
     devices = detect_devices() if devices is None else devices
     detected = bool(devices)

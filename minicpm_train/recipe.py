@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from minicpm_data.errors import MinicpmError
-from minicpm_train.args import NO_RESUME, ResolvedRun, latest_checkpoint
+from minicpm_train.args import ResolvedRun
 from minicpm_train.data import DataSummary
 from minicpm_train.launch import name_cpu_accelerator
+from minicpm_train.resume import RunIdentity, resume_point, write_record
 
 Report = Callable[[str], None]
 
@@ -75,15 +76,20 @@ def _deepspeed_config(deepspeed: str | None) -> dict | None:
     return json.loads(deepspeed if deepspeed.lstrip().startswith("{") else Path(deepspeed).read_text())
 
 
-def _resume_point(value: str | None, output_dir: Path, report: Report) -> str | None:
-    """The checkpoint to resume from (checked when the flags were parsed); ``auto``: the latest, if any."""
-    if value in NO_RESUME:
-        return None
-    if value == "auto":
-        latest = latest_checkpoint(output_dir)
-        report(f"resume: {latest}" if latest else f"resume: no checkpoint in {output_dir}, starting fresh")
-        return str(latest) if latest else None
-    return value
+def _resume_point(run: ResolvedRun, value: str | None, output_dir: Path, report: Report) -> tuple[Path | None, RunIdentity]:
+    """The checkpoint to resume from (None: a fresh start) and the identity checkpoints of this run carry;
+    see :mod:`minicpm_train.resume` (a stale or foreign checkpoint, or an earlier run's folder, is an error)."""
+    from dataclasses import asdict
+
+    from minicpm_train.data import data_files, file_sha256
+
+    options = run.options
+    data = [[str(path), file_sha256(path), weight] for path, weight in data_files(options.train_data_path)]
+    identity = RunIdentity(asdict(options), data)
+    checkpoint = resume_point(value, output_dir, identity, max_steps=int(run.training.get("max_steps", -1)),
+                              force=options.force_resume, overwrite=options.overwrite_output_dir,
+                              main_process=os.environ.get("RANK", "0") == "0", report=report)
+    return checkpoint, identity
 
 
 def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks: tuple = (),
@@ -123,6 +129,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     report(f"model: {models.model_class(model_config, trust_remote_code=options.trust_remote_code)}")
     for notice in models.loading_notices(model_config, trust_remote_code=options.trust_remote_code):
         report(f"note: {notice}")
+    # Where it starts, before anything is rendered or loaded: fresh, or from a checkpoint of this same run.
+    resume, identity = _resume_point(run, training.pop("resume_from_checkpoint", None), output_dir, report)
 
     tokenizer = load_tokenizer(options.model_name_or_path, trust_remote_code=options.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
@@ -140,6 +148,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
                                    local_main=os.environ.get("LOCAL_RANK", "0") == "0", on_progress=render_progress)
         for line in [file_summary.describe() for _, file_summary in files] + [summary.describe()] * (len(files) > 1):
             report(line)
+        for note in (note for _, file_summary in files for note in file_summary.notes):
+            report(f"note: {note}")
         return files, summary
 
     train_files, train_summary = load(options.train_data_path)
@@ -178,7 +188,7 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     #    loss goes chunk by chunk (or a fused kernel) through lm_head: no [batch, length, vocab] logits.
     from transformers import PrinterCallback
 
-    from minicpm_train.callbacks import LossGuard, TokenizerFiles
+    from minicpm_train.callbacks import CheckpointFiles, LossGuard, ResumeGuard
     from minicpm_train.loss import make_trainer, resolve_loss
     from minicpm_train.memory import MemoryCallback, memory_record
 
@@ -187,7 +197,6 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     run.notices.append(loss.notice)
     report(loss.notice)
 
-    resume = _resume_point(training.pop("resume_from_checkpoint", None), output_dir, report)
     training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
     training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
     training.setdefault("remove_unused_columns", False)
@@ -199,17 +208,22 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     if eval_set is None:
         training["eval_strategy"] = "no"
     args = TrainingArguments(**training)
+    # What was run (and on which data): run_config.json, in every checkpoint too, so a resume can be checked.
+    record = {**run.to_dict(), "notices": run.notices, "training_arguments": args.to_sanitized_dict(),
+              **identity.record()}
     memory = MemoryCallback()  # peak GPU memory per rank; measures nothing on CPU
     guard = LossGuard(train_summary.trained_tokens)  # garbage loss: an error, no save
+    saved = CheckpointFiles(options.model_name_or_path, record)
+    stale = [ResumeGuard(resume)] if resume and not options.force_resume else []
     trainer = make_trainer(loss, trainer_class(), model=model, args=args, train_dataset=train_set,
                            eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
-                           callbacks=[guard, TokenizerFiles(options.model_name_or_path), *callbacks, memory])
+                           callbacks=[guard, *stale, saved, *callbacks, memory])
     guard.watch(trainer)
     if callbacks:
         trainer.remove_callback(PrinterCallback)
 
     # 5. Train; evaluate at the end (never before train(): DeepSpeed cannot evaluate an untrained engine).
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(train_output.metrics)
     if eval_set is not None:
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
@@ -224,16 +238,13 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         measured = memory_record(run, memory.ranks) if memory.ranks else None
         if measured:
             report(measured["summary"])
-        _write_outputs(output_dir, run, args.to_sanitized_dict(), metrics, train_summary, eval_summary,
-                       trainer.state.log_history, measured)
+        _write_outputs(output_dir, record, metrics, train_summary, eval_summary, trainer.state.log_history, measured)
     return RunResult(output_dir, trainer.model, metrics, train_summary, eval_summary, trainer.state.log_history)
 
 
-def _write_outputs(output_dir: Path, run: ResolvedRun, training_arguments: dict, metrics: dict,
-                   train_summary: DataSummary, eval_summary: DataSummary | None, log_history: list[dict],
-                   memory: dict | None) -> None:
-    resolved = {**run.to_dict(), "notices": run.notices, "training_arguments": training_arguments}
-    (output_dir / "run_config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False) + "\n")
+def _write_outputs(output_dir: Path, record: dict, metrics: dict, train_summary: DataSummary,
+                   eval_summary: DataSummary | None, log_history: list[dict], memory: dict | None) -> None:
+    write_record(output_dir, record)
     summary = {"train": train_summary.to_dict(), "eval": eval_summary.to_dict() if eval_summary else None}
     (output_dir / "data_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     measured = {"memory": memory} if memory else {}
@@ -282,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         if rank_zero:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: `minicpm-train run` says what was saved, once
+        progress.stop()
+        sys.exit(130)
 
 
 if __name__ == "__main__":

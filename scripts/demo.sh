@@ -35,7 +35,7 @@ python fixtures/build_tiny_models.py "$out/tiny-model" --kind minicpm4 --tokeniz
 
 step "plan: memory per GPU for this run"
 minicpm-train plan --model_name_or_path "$out/tiny-model" --per_device_train_batch_size 8 \
-    --model_max_length 256 --gpu-memory 8
+    --model_max_length 256 --gpu_memory 8
 
 step "run: full fine-tuning on CPU, on the converted task"
 minicpm-train run --model_name_or_path "$out/tiny-model" --output_dir "$out/run" \

@@ -156,17 +156,20 @@ def test_flags_take_both_spellings(tmp_path):
 
 def test_resume_from_checkpoint_must_be_a_checkpoint(tmp_path):
     from minicpm_train.args import latest_checkpoint
+    from train_helpers import complete_checkpoint
 
     run_dir = tmp_path / "run"
-    for step, complete in ((2, True), (10, True), (12, False)):  # checkpoint-12: killed while saving
-        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:
-            (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    for step in (2, 10, 11):
+        complete_checkpoint(run_dir / f"checkpoint-{step}", step)
+    (run_dir / "checkpoint-11" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")  # truncated
+    (run_dir / "checkpoint-12").mkdir()  # killed while saving
     assert latest_checkpoint(run_dir) == run_dir / "checkpoint-10"  # by step, not by name; complete only
     assert latest_checkpoint(tmp_path / "missing") is None
     for value in (str(run_dir / "checkpoint-2"), "auto", "false"):
         parse_run_args(REQUIRED + ["--resume_from_checkpoint", value])
     for value, message in ((tmp_path / "missing", "does not exist"), (run_dir / "checkpoint-12", "no trainer_state"),
+                           (run_dir / "checkpoint-11", "is damaged: optimizer.pt is truncated.*latest complete one is "
+                                                       f"{run_dir / 'checkpoint-10'}"),
                            (run_dir, f"run folder, not a checkpoint.*latest is {run_dir / 'checkpoint-10'}")):
         with pytest.raises(ArgumentError, match=f"--resume_from_checkpoint .*{message}"):
             parse_run_args(REQUIRED + ["--resume_from_checkpoint", str(value)])

@@ -57,7 +57,7 @@ def test_session_renders_history_like_training(loaded, monkeypatch):
 def test_generation_settings_are_checked():
     from minicpm_train.chat import GenerationSettings
 
-    with pytest.raises(MinicpmError, match="top-p"):
+    with pytest.raises(MinicpmError, match="--top_p must be in"):
         GenerationSettings(top_p=0).check()
     assert GenerationSettings(temperature=0).generate_kwargs()["do_sample"] is False
 

@@ -24,6 +24,8 @@ RUNS = [
     ("prompt_completion.jsonl", ConvertOptions()),
     ("llamafactory_v1.jsonl", ConvertOptions(reasoning="think", tool_turns="drop")),
     ("qa.json", ConvertOptions(user_col="question", assistant_col="answer")),
+    ("mllm.json", ConvertOptions()),
+    ("mllm.json", ConvertOptions(media="drop")),
 ]
 
 
@@ -243,7 +245,7 @@ def test_json_key_mapping_checks_the_keys_and_needs_no_from(fixtures_dir, tmp_pa
     summary = convert_files([qa], tmp_path / "out.jsonl", options=ConvertOptions(user_col="question",
                                                                                  assistant_col="answer"))
     assert (summary.files[0].format, summary.read, summary.written) == ("csv", 5, 3)
-    assert summary.rejects == {"missing field": 1, "empty conversation": 1}
+    assert summary.rejects == {"missing field": 1, "prompt without answer": 1}
     with pytest.raises(FormatError, match=r"qa.json: missing key 'questio' \(keys: question, answer, topic\)"):
         convert_files([qa], tmp_path / "bad.jsonl", options=ConvertOptions(user_col="questio", assistant_col="answer"))
     with pytest.raises(InputError, match="do not apply to --from sharegpt"):

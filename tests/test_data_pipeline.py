@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minicpm_data.errors import FormatError
+from minicpm_data.errors import FormatError, MinicpmError
 from minicpm_train.data import (IGNORE_INDEX, DataError, PaddingCollator, SupervisedDataset, load_data,
                                 load_supervised, mix, named_sets)
 from train_helpers import MAX_LENGTH, TASK_DEV, TASK_TRAIN
@@ -225,10 +225,13 @@ def test_several_files_folders_globs_and_weights(tokenizer, tmp_path):
     c = (folder / "c.jsonl")
     c.write_text("\n".join(json.dumps(r) for r in records[70:80]) + "\n")
     (folder / "notes.txt").write_text("not data")
+    (folder / "b.rejects.jsonl").write_text(json.dumps({"reason": "missing field", "record": {}}) + "\n")
 
     files, summary = load_data(f"{a}:2,{folder}:0.5", tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path / "cache")
     assert [(Path(s.path).name, s.used, s.weight, s.epoch_samples) for _, s in files] == [
         ("a.json", 40, 2.0, 80), ("b.json", 30, 0.5, 15), ("c.jsonl", 10, 0.5, 5)]
+    assert files[0][1].notes == [f"left out {folder / 'b.rejects.jsonl'}: rejects of minicpm-data convert (records "
+                                 "it could not convert, with the reasons), not training data"]
     assert (summary.records, summary.used, summary.epoch_samples) == (80, 80, 100)
     assert [f["path"] for f in summary.files] == [str(a), str(folder / "b.json"), str(folder / "c.jsonl")]
     assert summary.tokens == sum(s.tokens for _, s in files)
@@ -253,7 +256,7 @@ def test_several_files_folders_globs_and_weights(tokenizer, tmp_path):
     ("{train}:0", "every weight is 0, which leaves no sample to use"),
 ])
 def test_bad_data_specs_are_one_line_errors(tokenizer, tmp_path, spec, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(MinicpmError, match=message):  # DataError, or InputError from the shared path expansion
         load_data(spec.format(dir=tmp_path, train=TASK_TRAIN), tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path)
 
 

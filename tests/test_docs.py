@@ -1,6 +1,7 @@
 """README.md and docs/*.md name only what exists: every `minicpm-data` / `minicpm-train` subcommand and every
-`--flag` (a flag on a command's line must be one that command accepts), every relative link and its #anchor;
-and README's first commands are the ones `.ci/run` runs."""
+`--flag` (a flag on a command's line must be one that command accepts, in that CLI's spelling: minicpm-train's
+with underscores, minicpm-data's with hyphens), every relative link and its #anchor; and README's first commands
+are the ones `.ci/run` runs."""
 
 from __future__ import annotations
 
@@ -42,14 +43,17 @@ def _options(command: click.Command) -> set[str]:
 
 @cache
 def _accepted(cli: str, subcommand: str) -> frozenset[str]:
-    """The flags ``minicpm-CLI SUBCOMMAND`` accepts, as written (minicpm-train takes both spellings of each)."""
-    options = _options(_commands()[cli][subcommand])
-    if cli == "data":
-        return frozenset(options)
-    names = {flag_name(option[2:]) for option in options}
-    if subcommand in ("run", "plan"):
+    """The flags ``minicpm-CLI SUBCOMMAND`` accepts, as written (each CLI takes both spellings of each)."""
+    names = {flag_name(option[2:]) for option in _options(_commands()[cli][subcommand])}
+    if cli == "train" and subcommand in ("run", "plan"):
         names |= known_flag_names()
     return frozenset(spelling for name in names for spelling in (f"--{name}", f"--{name.replace('_', '-')}"))
+
+
+def _spelt(cli: str, flag: str) -> str:
+    """``flag`` as ``minicpm-CLI`` writes it: minicpm-train with underscores (the guide's and Hugging Face's
+    spelling), minicpm-data with hyphens."""
+    return "--" + (flag[2:].replace("-", "_") if cli == "train" else flag[2:].replace("_", "-"))
 
 
 @cache
@@ -96,6 +100,8 @@ def _problems(span: str) -> list[str]:
         on_its_line = command is not None and match.start() > command[2]
         if on_its_line and flag not in _accepted(command[0], command[1]):
             problems.append(f"minicpm-{command[0]} {command[1]} does not take {flag}")
+        elif on_its_line and flag != _spelt(command[0], flag):
+            problems.append(f"minicpm-{command[0]} writes {_spelt(command[0], flag)}, not {flag}")
         elif not on_its_line and flag not in _any_flag():
             problems.append(f"no command takes {flag}")
     return problems
@@ -145,9 +151,13 @@ def test_every_own_flag_of_run_is_documented():
     assert not undocumented, f"not in README.md or docs/: {undocumented}"
 
 
-def test_the_check_finds_what_does_not_exist():
-    assert _problems("minicpm-data convert x.json --dev_ratio 0.1") == ["minicpm-data convert does not take --dev_ratio"]
-    assert _problems("minicpm-train run --learning-rate 1e-4 --lora_r 8 --include localhost:0") == []
+def test_the_check_finds_what_does_not_exist_and_the_other_spelling():
+    assert _problems("minicpm-data convert x.json --dev-ration 0.1") == [
+        "minicpm-data convert does not take --dev-ration"]
+    assert _problems("minicpm-data convert x.json --dev_ratio 0.1") == ["minicpm-data writes --dev-ratio, not --dev_ratio"]
+    assert _problems("minicpm-train run --learning-rate 1e-4 --lora_r 8 --include localhost:0") == [
+        "minicpm-train writes --learning_rate, not --learning-rate"]
+    assert _problems("minicpm-train plan --gpu_memory 8 --max_steps 3 --help_all") == []
     assert _problems("minicpm-train chat --lora_r 8") == ["minicpm-train chat does not take --lora_r"]
     assert _problems("minicpm-train evaluate runs/x") == ["minicpm-train evaluate: no such command"]
     assert _problems("pass --learning_rat") == ["no command takes --learning_rat"]

@@ -1,5 +1,5 @@
 """`minicpm-train run --help` / `plan --help`: the run's flags in groups with their defaults, on an 80-column
-terminal; `--help-all`: every Hugging Face TrainingArguments flag, from transformers' own parser."""
+terminal; `--help_all`: every Hugging Face TrainingArguments flag, from transformers' own parser."""
 
 from __future__ import annotations
 
@@ -68,17 +68,17 @@ def test_help_shows_every_own_flag_with_its_default_in_80_columns(command):
     for name in ("learning_rate", "bf16", "deepspeed", "output_dir"):  # the guide's Hugging Face flags
         assert rows[name].endswith("[HF] "), rows[name]
     assert "(default:" not in rows["data_cache_dir"]  # said once, in the default
-    for option in ("--script", "--config", "--help-all"):
+    for option in ("--script", "--config", "--help_all"):
         assert option in text
     assert "Every TrainingArguments flag is accepted" in text
-    assert f"minicpm-train {command} --help-all lists them" in text
+    assert f"minicpm-train {command} --help_all lists them" in text
 
 
 @pytest.mark.parametrize("command", ["run", "plan"])
 def test_help_all_lists_every_training_argument_from_transformers(command):
     from transformers import TrainingArguments
 
-    lines, text = _help(command, "--help-all")
+    lines, text = _help(command, "--help_all")
     listed = {match[1] for line in lines if (match := re.match(r"\s+(--\w+)", line))}
     fields = {f"--{f.name}" for f in dataclasses.fields(TrainingArguments) if f.init}
     assert fields <= listed, sorted(fields - listed)
@@ -93,3 +93,53 @@ def test_a_misspelt_flag_still_gets_the_closest_real_one(monkeypatch, capsys):
                            "--train_data_path", "t.json", "--lora_rr", "8")
     assert code == 1 and err.count("\n") == 1
     assert "unrecognised argument --lora_rr; did you mean --lora_r?" in err
+
+
+# --- every help page of both CLIs: one spelling per CLI, nothing cut at 80 columns ------------------------------
+
+def _apps() -> dict:
+    from minicpm_data.cli import app as data_app
+    from minicpm_train.cli import app as train_app
+
+    return {"data": data_app, "train": train_app}
+
+
+def _commands(cli: str) -> dict:
+    import typer
+
+    return typer.main.get_command(_apps()[cli]).commands
+
+
+_PAGES = [(cli, name) for cli in ("data", "train") for name in (None, *_commands(cli))]
+
+
+@pytest.mark.parametrize("cli, command", _PAGES, ids=lambda value: value or "-")
+def test_every_help_page_fits_80_columns_and_cuts_nothing(monkeypatch, cli, command):
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("NO_COLOR", "1")
+    result = CliRunner().invoke(_apps()[cli], [*filter(None, [command]), "--help"])
+    lines = result.output.splitlines()
+    assert result.exit_code == 0 and len(lines) > 5, result.output
+    assert max(map(len, lines)) <= 80
+    assert "…" not in result.output  # Rich cuts a flag name or a word that does not fit with an ellipsis
+
+
+@pytest.mark.parametrize("cli", ["data", "train"])
+def test_every_flag_is_declared_in_its_clis_one_spelling(cli):
+    """minicpm-train writes flags with underscores (the guide's finetune.py and Hugging Face's spelling), minicpm-data
+    with hyphens; each takes the other spelling too (flag_name), which a help page never shows."""
+    wrong = "-" if cli == "train" else "_"
+    declared = [(name, option) for name, command in _commands(cli).items() for param in command.params
+                for option in (*param.opts, *param.secondary_opts) if option.startswith("--")]
+    assert len(declared) > 10
+    assert [(name, option) for name, option in declared if wrong in option[2:]] == []
+
+
+def test_minicpm_data_takes_the_underscore_spelling_too(capsys, tmp_path):
+    from test_data_cli import run_cli as run_data_cli
+
+    code, _, err = run_data_cli(capsys, "convert", tmp_path / "missing.json", "-o", tmp_path / "o", "--dev_ratio",
+                                "0.5", "--tool_turns", "drop")
+    assert code == 1 and err == f"error: {tmp_path / 'missing.json'}: no such file\n"  # parsed, then refused

@@ -255,7 +255,7 @@ def test_trainer_with_gradient_accumulation_trains_as_with_full_logits(kind, ext
     chunked, result = _train_log(tmp_path, model_dir, data_cache, "chunked", *extra)
     full, _ = _train_log(tmp_path, model_dir, data_cache, "full", *extra)
     _assert_same_training(chunked, full)
-    assert f"loss: chunked, {CHUNK_SIZE} positions at a time through lm_head" in (
+    assert f"loss: chunked, {CHUNK_SIZE:,} positions at a time through lm_head" in (
         result.output_dir / "run_config.json").read_text()
 
 

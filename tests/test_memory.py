@@ -1,6 +1,6 @@
 """Measured GPU memory against the plan, on a simulated device (this machine has no GPU): the callback reads
 torch.cuda's peak counters per rank, a run writes them into metrics.json with its plan and prints one line,
-``plan --from-run`` compares a finished run; a CPU run claims nothing."""
+``plan --from_run`` compares a finished run; a CPU run claims nothing."""
 
 from __future__ import annotations
 
@@ -112,13 +112,13 @@ def test_simulated_gpu_run_records_planned_vs_measured(monkeypatch, capsys, tiny
     assert [line for line in lines if line.startswith("memory:")] == [recorded["summary"]]
     assert recorded["summary"].startswith(f"memory: planned {planned.total / MIB:,.0f} MiB per GPU")
 
-    code, out, err = run_cli(monkeypatch, capsys, "plan", "--from-run", str(tmp_path / "gpu"), "--json")
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--from_run", str(tmp_path / "gpu"), "--json")
     assert code == 0, err
     comparison = json.loads(out)
     assert comparison["planned_mib"] == comparison["planned_at_run_mib"] == {
         k: round(v / MIB) for k, v in recorded["planned"].items()}
     assert comparison["ranks"][0]["peak_total_mib"] == 10_600 and comparison["ranks"][0]["gpu"] == "Simulated H200"
-    code, out, err = run_cli(monkeypatch, capsys, "plan", "--from-run", str(tmp_path / "gpu"))
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--from_run", str(tmp_path / "gpu"))
     assert code == 0 and "total (nvidia-smi)" in out and "10,600" in out and "peak allocated" in out
 
 
@@ -128,25 +128,25 @@ def test_cpu_run_claims_nothing(monkeypatch, capsys, tiny_llama, data_cache, tmp
     capsys.readouterr()
     assert "memory" not in json.loads((tmp_path / "cpu" / "metrics.json").read_text())
     assert not any(line.startswith("memory:") for line in lines)
-    code, _, err = run_cli(monkeypatch, capsys, "plan", "--from-run", str(tmp_path / "cpu"))
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--from_run", str(tmp_path / "cpu"))
     assert code == 1 and "measured no GPU memory" in err and err.count("\n") == 1
-    code, _, err = run_cli(monkeypatch, capsys, "plan", "--from-run", str(tmp_path / "nothing"))
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--from_run", str(tmp_path / "nothing"))
     assert code == 1 and "no run_config.json" in err
-    code, _, err = run_cli(monkeypatch, capsys, "plan", "--from-run", str(tmp_path / "cpu"), "--bf16")
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--from_run", str(tmp_path / "cpu"), "--bf16")
     assert code == 1 and "takes no run flags" in err
 
 
-@pytest.mark.parametrize("flag", ["--pad-to-max", "--loss_impl"])
+@pytest.mark.parametrize("flag", ["--pad_to_max", "--loss_impl"])
 def test_plan_table_shows_every_term(monkeypatch, capsys, flag):
-    extra = ["--pad-to-max"] if flag == "--pad-to-max" else ["--loss_impl", "full"]
+    extra = ["--pad_to_max"] if flag == "--pad_to_max" else ["--loss_impl", "full"]
     code, out, err = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "MiniCPM-2B-sft-bf16", "--bf16",
                              "--per_device_train_batch_size", "1", "--deepspeed", "zero3", "--num_gpus", "4",
-                             *extra, "--gpu-memory", "40")
+                             *extra, "--gpu_memory", "40")
     assert code == 0, err
     for label in ("weights (frozen)", "trainable parameters", "gradients", "optimizer states", "activations",
                   "ZeRO-3 live parameters", "DeepSpeed buffers", "allocator reserve", "CUDA context", "total"):
         assert label in out, label
-    assert ("padded to max" in out) == (flag == "--pad-to-max")
+    assert ("padded to max" in out) == (flag == "--pad_to_max")
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "--model_name_or_path", "MiniCPM-2B-sft-bf16", "--bf16",
                            "--per_device_train_batch_size", "1", "--deepspeed", "zero3", "--num_gpus", "4", *extra,
                            "--json")

@@ -88,6 +88,44 @@ def test_eval_chat_and_merge_on_the_run(lora_run, tmp_path, monkeypatch, capsys)
         expected = loaded.model(input_ids=ids).logits
         got = from_pretrained(merged, dtype=torch.float32).eval()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if kind == "minicpm4":  # (one kind: a fresh interpreter costs seconds)
+        check_merged_loads_as_documented(merged, ids, expected, tmp_path, err)
+
+
+# What docs/after-training.md says about a merged MiniCPM folder, run in a fresh interpreter of this environment.
+LOAD_MERGED = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    print("OpenBMB's code: loaded")
+except Exception as error:
+    print(f"OpenBMB's code: {type(error).__name__}: {error}")
+from minicpm_train.modeling import register_minicpm
+register_minicpm()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+print(type(model).__module__)
+from minicpm_data.tokenizer import load_tokenizer
+load_tokenizer(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def check_merged_loads_as_documented(merged: Path, ids, expected, tmp_path: Path, merge_err: str) -> None:
+    """Plain transformers 5 fails inside OpenBMB's .py files (which the merged folder keeps); after
+    register_minicpm() the built-in class loads it, to base + adapter's logits. merge says so."""
+    import torch
+
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", LOAD_MERGED, str(merged), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if (merged / "modeling_minicpm.py").is_file():  # OpenBMB's code is there with ../shared
+        assert "OpenBMB's code: ImportError: cannot import name 'is_torch_fx_available'" in done.stdout
+        assert "call minicpm_train.modeling.register_minicpm() before" in " ".join(merge_err.split())
+    assert "minicpm_train.modeling.modeling_minicpm" in done.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-4, atol=1e-4)
 
 
 def check_openbmb_format(base: Path, merged: Path) -> None:

@@ -1,5 +1,5 @@
-"""Each repair, its counting, --no-repair rejection, the tool and reasoning policies, train flags through
-repairs, and the default system prompt."""
+"""Each repair, its counting, --no-repair rejection, the tool, media and reasoning policies, train flags through
+repairs, the default system prompt, and why a record with no exchange left is rejected."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ CASES = {
     "drop trailing user turn": ([("user", "q"), ("assistant", "a"), ("user", "more?")], [("user", "q"), ("assistant", "a")]),
     "drop tool turns": ([("user", "q"), ("assistant", "calling"), ("tool", "{}"), ("assistant", "done")],
                         [("user", "q"), ("assistant", "calling\ndone")]),
+    "drop media": ([("user", "<image>\nWho is he?"), ("assistant", "A cat."), ("user", "Look: <video><audio> here"),
+                    ("assistant", "A dog.<image>")],
+                   [("user", "Who is he?"), ("assistant", "A cat."), ("user", "Look: here"), ("assistant", "A dog.")]),
 }
 
 
@@ -73,12 +76,12 @@ def test_train_flags_survive_repairs():
 @pytest.mark.parametrize("kind", list(CASES))
 def test_repair_applies_and_is_counted(kind):
     before, after = CASES[kind]
-    repaired, applied = finish(_conv(*before), tool_turns="drop")
+    repaired, applied = finish(_conv(*before), tool_turns="drop", media="drop")
     assert _turns(repaired) == after
     assert kind in applied
 
 
-@pytest.mark.parametrize("kind", [k for k in CASES if k != "drop tool turns"])
+@pytest.mark.parametrize("kind", [k for k in CASES if k not in ("drop tool turns", "drop media")])  # policies
 def test_no_repair_rejects_naming_the_repair(kind):
     with pytest.raises(RecordRejected) as caught:
         finish(_conv(*CASES[kind][0]), repair=False)
@@ -88,6 +91,14 @@ def test_no_repair_rejects_naming_the_repair(kind):
 def test_tool_turns_rejected_by_default():
     with pytest.raises(RecordRejected, match="tool turn"):
         finish(_conv(*CASES["drop tool turns"][0]))
+
+
+def test_media_rejected_by_default_naming_where_it_is():
+    with pytest.raises(RecordRejected) as caught:
+        finish(_conv(*CASES["drop media"][0]))
+    assert (caught.value.reason, caught.value.detail) == (
+        "not text: image", "<image> in turn 0; <video><audio> in turn 2; <image> in turn 3; --media drop keeps the "
+                           "text without them")
 
 
 def test_clean_conversation_needs_no_repair():
@@ -107,13 +118,20 @@ def test_default_system_only_where_missing():
     assert [t for t in _turns(own) if t[0] == "system"] == [("system", "Mine")]
 
 
-@pytest.mark.parametrize("turns, reason", [
-    ([("user", "q"), ("assistant", "a"), ("system", "late"), ("user", "q"), ("assistant", "a")], "invalid turn order"),
-    ([("user", " "), ("assistant", "")], "empty conversation"),
-    ([("system", "only a system prompt")], "empty conversation"),
-    ([], "empty conversation"),
+@pytest.mark.parametrize("turns, reason, detail", [
+    ([("user", "q"), ("assistant", "a"), ("system", "late"), ("user", "q"), ("assistant", "a")], "invalid turn order",
+     "system turn at position 2; only the first turn may be system"),
+    ([("assistant", "a"), ("user", "q")], "invalid turn order", "every assistant turn comes before the first user turn"),
+    ([("user", " "), ("assistant", "")], "empty conversation", "every turn is empty"),
+    ([("system", "only a system prompt")], "empty conversation", "only a system turn"),
+    ([], "empty conversation", "no messages"),
+    ([("user", "q")], "prompt without answer", "no assistant turn answers the user turn"),
+    ([("system", "s"), ("user", "q")], "prompt without answer", "no assistant turn answers the user turn"),
+    ([("user", "q"), ("assistant", " ")], "prompt without answer", "the assistant turn is empty"),
+    ([("assistant", "a")], "answer without prompt", "no user turn comes before the assistant turn"),
+    ([("user", ""), ("assistant", "a")], "answer without prompt", "the user turn is empty"),
 ])
-def test_unrepairable_records_are_rejected(turns, reason):
+def test_unrepairable_records_are_rejected(turns, reason, detail):
     with pytest.raises(RecordRejected) as caught:
         finish(_conv(*turns))
-    assert caught.value.reason == reason
+    assert (caught.value.reason, caught.value.detail) == (reason, detail)

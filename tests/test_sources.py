@@ -95,7 +95,7 @@ def test_messages_pass_through_normalised(fixtures_dir):
                                             ("assistant", "Paris")]
     with pytest.raises(RecordRejected, match="tool turn"):
         finish(source.convert(records[2]))
-    with pytest.raises(RecordRejected, match="^not text: image part: message 0 has a image_url part$"):
+    with pytest.raises(RecordRejected, match="^not text: image: message 0 has a image_url part; --media drop keeps the text$"):
         source.convert(records[3])
 
 
@@ -192,10 +192,10 @@ def test_llamafactory_v1_parts_weights_and_reasoning(fixtures_dir):
 
 @pytest.mark.parametrize("name, index, reason, detail", [
     ("llamafactory_v1.jsonl", 2, "reasoning", "turn 1 carries reasoning; choose --reasoning drop or think"),
-    ("llamafactory_v1.jsonl", 3, "not text: image part", "message 0 has a image_url part"),
+    ("llamafactory_v1.jsonl", 3, "not text: image", "message 0 has a image_url part; --media drop keeps the text"),
     ("llamafactory_v1.jsonl", 4, "unsupported weight", "message 1 loss_weight is 0.5; only 0 (not trained) or 1 is supported"),
-    ("openai_parts.jsonl", 0, "not text: audio part", "message 0 has a input_audio part"),
-    ("openai_parts.jsonl", 1, "not text: video part", "message 0 has a video_url part"),
+    ("openai_parts.jsonl", 0, "not text: audio", "message 0 has a input_audio part; --media drop keeps the text"),
+    ("openai_parts.jsonl", 1, "not text: video", "message 0 has a video_url part; --media drop keeps the text"),
     ("openai_parts.jsonl", 2, "reasoning", "turn 1 carries reasoning; choose --reasoning drop or think"),
     ("openai_parts.jsonl", 5, "unsupported weight", "message 0 is a user turn marked as trained; only assistant turns are trained"),
     ("openai_parts.jsonl", 6, "unsupported weight", "message 1 train is 'no', not true or false"),

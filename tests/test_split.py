@@ -70,7 +70,7 @@ def test_convert_with_dev_ratio_of_an_empty_input_writes_no_splits(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     summary = convert_and_split([tmp_path / "empty.json"], tmp_path / "out", dev_ratio=0.1)
     assert (summary.read, summary.output, summary.splits) == (0, None, {})
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["rejects.jsonl"]
+    assert list((tmp_path / "out").iterdir()) == []  # nothing rejected either: no rejects file
 
 
 def test_convert_with_dev_ratio_refuses_to_overwrite_its_input(fixtures_dir, tmp_path):

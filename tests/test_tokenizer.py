@@ -66,8 +66,14 @@ def test_hub_id_offline_is_one_line(monkeypatch):
     assert message.endswith("pass a local model folder with --tokenizer DIR")
 
 
-def test_missing_folder_and_empty_folder(tmp_path):
-    with pytest.raises(TokenizerError, match="does not exist"):
-        load_tokenizer(str(tmp_path / "absent"))
-    with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model"):
+def test_missing_folder_and_empty_folder(tmp_path, monkeypatch):
+    from minicpm_data.model_files import ModelFolderError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    # a mistyped local path is no such folder, never a hub look-up, even when it reads like org/name
+    for name in (str(tmp_path / "absent"), "MiniCPM4-8b", "models/MiniCPM4-8B"):
+        with pytest.raises(ModelFolderError, match=f"^{name}: no such folder; check the path$"):
+            load_tokenizer(name)
+    with pytest.raises(ModelFolderError, match="no tokenizer vocabulary: none of tokenizer.json, tokenizer.model"):
         load_tokenizer(str(tmp_path))

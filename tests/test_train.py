@@ -12,6 +12,7 @@ import json
 import pytest
 from transformers import TrainerCallback
 
+from minicpm_data.errors import MinicpmError
 from minicpm_train.model import ModelError
 from train_helpers import (dev_batch, eval_losses, logits, reload_trained, run_in_process, task_argv)
 
@@ -94,14 +95,16 @@ def test_full_finetune(tmp_path, tiny_llama, data_cache):
 
 
 def test_resume_auto_without_a_complete_checkpoint_starts_fresh(tmp_path):
-    from minicpm_train.recipe import _resume_point
+    from minicpm_train.resume import RunIdentity, resume_point
 
     (tmp_path / "checkpoint-8").mkdir()  # killed while saving: no trainer_state.json
     said: list[str] = []
-    assert _resume_point("auto", tmp_path, said.append) is None
-    assert _resume_point("auto", tmp_path / "new", said.append) is None
-    assert said == [f"resume: no checkpoint in {tmp_path}, starting fresh",
-                    f"resume: no checkpoint in {tmp_path / 'new'}, starting fresh"]
+    for folder in (tmp_path, tmp_path / "new"):
+        assert resume_point("auto", folder, RunIdentity({}, []), max_steps=16, force=False, overwrite=False,
+                            main_process=True, report=said.append) is None
+    assert said == [f"note: skipped {tmp_path / 'checkpoint-8'}: trainer_state.json is missing (the checkpoint was "
+                    "not finished)", f"resume: no complete checkpoint in {tmp_path}, starting fresh",
+                    f"resume: no complete checkpoint in {tmp_path / 'new'}, starting fresh"]
 
 
 def test_lora_with_guide_defaults(tmp_path, tiny_llama, data_cache):
@@ -125,7 +128,7 @@ def test_minicpm3_lora_targets_its_latent_attention(tmp_path, tiny_minicpm3, dat
     reloaded = reload_trained(result.output_dir, tiny_minicpm3, adapter=True)
     torch.testing.assert_close(logits(reloaded, batch), logits(result.model.eval(), batch), atol=1e-4, rtol=1e-4)
     with pytest.raises(ModelError, match="q_proj, v_proj not in this minicpm3 model.*kv_a_proj_with_mqa"):
-        run_in_process(argv + ["--lora_target", "q_proj,v_proj"])
+        run_in_process(argv + ["--lora_target", "q_proj,v_proj", "--output_dir", str(tmp_path / "m3-guide")])
 
 
 def test_lora_all_linear_and_packing(tmp_path, tiny_llama, data_cache):
@@ -152,7 +155,7 @@ def test_model_needing_custom_code_says_trust_remote_code(tmp_path, tiny_llama, 
         run_in_process(task_argv(custom, tmp_path / "o", data_cache, steps=2))
     with pytest.raises(ModelError, match="runs the folder's own code, but modeling_vendor.py is not there"):
         run_in_process(task_argv(custom, tmp_path / "o", data_cache, "--trust_remote_code", steps=2))
-    with pytest.raises(ModelError, match="model folder not found.*hf download openbmb/MiniCPM4-0.5B"):
+    with pytest.raises(MinicpmError, match=f"^{tmp_path / 'missing'}: no such folder; check the path$"):
         run_in_process(task_argv(tmp_path / "missing", tmp_path / "o", data_cache, steps=2))
 
 

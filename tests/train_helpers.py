@@ -84,6 +84,20 @@ def run_in_process(argv: list[str], callbacks: tuple = (), report=lambda message
         os.environ.update(saved)
 
 
+def complete_checkpoint(folder: Path, step: int) -> Path:
+    """A LoRA checkpoint folder whose files are all there and whole, without training (empty but well-formed)."""
+    import json
+    import zipfile
+
+    folder.mkdir(parents=True)
+    for name in ("optimizer.pt", "scheduler.pt"):
+        zipfile.ZipFile(folder / name, "w").close()
+    (folder / "adapter_model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # header length 2: no tensors
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
 def eval_losses(log_history: list[dict]) -> list[float]:
     return [entry["eval_loss"] for entry in log_history if "eval_loss" in entry]
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from minicpm_data.conversation import Conversation, Message
+from minicpm_data.media import MEDIA_PARTS
 
 # Role every source gives tool-calling turns; the pipeline applies the tool policy to it.
 TOOL_ROLE = "tool"
@@ -16,10 +17,10 @@ REJECT_REASONS = {
     "missing field": "a field the format needs is absent, or a --template column is empty (the detail names it)",
     "malformed field": "a field has the wrong shape, e.g. turns that are not a list of objects",
     "not text": "a text field holds a number, list, or a content part that is not text (the detail names its type)",
-    "not text: image part": "a message holds an image part (OpenAI image_url, LLaMA-Factory image_url, ...): "
-                            "MiniCPM's text models cannot train on it",
-    "not text: audio part": "a message holds an audio part (input_audio, audio)",
-    "not text: video part": "a message holds a video part (video, video_url)",
+    "not text: image": "the record holds an image (an images/image key, an <image> placeholder, an image_url part, "
+                       "...) and --media is reject: MiniCPM's text models cannot train on it",
+    "not text: audio": "the record holds audio (an audios key, an <audio> placeholder, an input_audio part, ...)",
+    "not text: video": "the record holds a video (a videos key, a <video> placeholder, a video_url part, ...)",
     "reasoning": "an assistant turn carries reasoning (a reasoning part, or a reasoning_content, reasoning or "
                  "thinking field) and --reasoning is reject",
     "unsupported weight": "a loss_weight/weight other than 0 or 1, a train flag that is not true/false, "
@@ -32,8 +33,11 @@ REJECT_REASONS = {
     "no consensus label": "an OCNLI record labelled '-': the annotators did not agree",
     "unknown label": "an OCNLI label other than entailment, neutral, contradiction",
     "needs repair": "with --no-repair: the record needs the repair named in the detail",
-    "empty conversation": "no user/assistant exchange is left (after repairs)",
-    "invalid turn order": "a system turn after the first turn, which no repair moves",
+    "empty conversation": "no turn holds text: no messages, only a system turn, or every turn empty",
+    "prompt without answer": "user turns but no assistant turn with text (a prompt-only record: nothing to train)",
+    "answer without prompt": "assistant turns but no user turn with text before them",
+    "invalid turn order": "a system turn after the first turn, or every answer before the first question: "
+                          "no repair leaves an exchange",
     "duplicate": "with --dedupe: the same conversation was already written (the detail says where)",
 }
 
@@ -92,8 +96,6 @@ def text(value: Any, where: str) -> str:
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _REASONING_PARTS = frozenset({"reasoning", "thinking"})
 _TOOL_PARTS = frozenset({"tool_call", "tool_calls", "tools", "function_call", "tool_use", "tool_result"})
-_MEDIA_PARTS = {"image": "image", "image_url": "image", "input_image": "image", "audio": "audio",
-                "input_audio": "audio", "video": "video", "video_url": "video"}
 # Where a part keeps its text: OpenAI "text", LLaMA-Factory v1 "value", OpenAI "refusal", Anthropic "thinking".
 _PART_TEXT_KEYS = ("text", "value", "refusal", "reasoning", "thinking")
 # Message-level reasoning fields: DeepSeek / OpenAI-compatible servers, vLLM, Hugging Face chat templates.
@@ -113,7 +115,8 @@ def content_text(value: Any, where: str) -> str:
 def content_parts(value: Any, where: str) -> tuple[str, str | None, bool]:
     """``(text, reasoning or None, has tool parts)`` of a turn's content: a string, ``None``, or a list of
     parts (strings, or objects with a ``type``). Several text parts join with a newline, in order; image,
-    audio and video parts are rejected (``not text: image part`` ...), never dropped."""
+    audio and video parts are rejected (``not text: image`` ...), never dropped here (convert's ``--media drop``
+    turns them into placeholders first: :mod:`minicpm_data.media`)."""
     if not isinstance(value, list):
         return text(value, where), None, False
     texts, reasoning, tool = [], [], False
@@ -128,8 +131,9 @@ def content_parts(value: Any, where: str) -> tuple[str, str | None, bool]:
             reasoning.append(_part_text(part, kind, where))
         elif kind in _TOOL_PARTS:
             tool = True
-        elif kind in _MEDIA_PARTS:
-            raise RecordRejected(f"not text: {_MEDIA_PARTS[kind]} part", f"{where} has a {kind} part")
+        elif kind in MEDIA_PARTS:
+            raise RecordRejected(f"not text: {MEDIA_PARTS[kind]}", f"{where} has a {kind} part; --media drop "
+                                                                   "keeps the text")
         else:
             raise RecordRejected("not text", f"{where} has a {kind} part")
     joined = "\n".join(r for r in reasoning if r.strip())
