@@ -351,8 +351,8 @@ def stop(message: str, errors: Path | None, *, lost: bool) -> None:
     """End this rank with exit code 1 after leaving ``message`` for the node's one ``error:`` line.
 
     With an error folder the node's ``minicpm-train run`` prints it; without one (a launcher we did not start)
-    the node's first rank prints it. A rank that lost its peers leaves at once: tearing down a broken process
-    group can hang or abort.
+    the node's first rank prints it. A rank in a process group leaves at once: tearing the group down after
+    its peers have gone can hang, or abort the process ("terminate called without an active exception").
     """
     import sys
 
@@ -367,7 +367,8 @@ def stop(message: str, errors: Path | None, *, lost: bool) -> None:
         print(f"error: {message}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    if lost:
+    distributed = sys.modules.get("torch.distributed")
+    if lost or (distributed is not None and distributed.is_available() and distributed.is_initialized()):
         os._exit(1)
     sys.exit(1)
 

@@ -9,7 +9,8 @@ Launches are expensive here (20-40 s each), so each one proves several things:
 - ZeRO-3, full: a 2-node run whose node 1 is killed after checkpoint-4 (node 0 exits non-zero with one ``error:``
   line within ``--ddp_timeout``, nothing half-written looks finished), then both nodes resumed with ``auto``: losses
   equal a one-process run with the same global batch, every checkpoint complete, a shared cache rendered once in all.
-- ZeRO-2, LoRA: a 2-node run equal to its one-process run, checkpoints complete, node-local caches rendered once each.
+- ZeRO-2, LoRA: both nodes killed after checkpoint-4, then resumed: equal to its one-process run, checkpoints
+  complete, node-local caches rendered once on each node.
 - four ranks (2 per node) through torchrun without DeepSpeed, node-local caches: each node renders once, and all
   four ranks hold the same rows (a digest per rank in the probe's log and the run's own fingerprints).
 - two bare processes per node (no training): a node that sees another checkpoint stops both with one line naming
@@ -325,8 +326,8 @@ def _why_no_namespaces() -> str | None:
         return "network namespaces are Linux only"
     if os.geteuid() != 0:
         return "making network namespaces needs root"
-    if not shutil.which("ip"):
-        return "no `ip` command (iproute2) to make network namespaces"
+    if not shutil.which("ip") or not shutil.which("unshare"):
+        return "no `ip` (iproute2) or `unshare` (util-linux) to make the hosts"
     return None
 
 
@@ -375,10 +376,12 @@ class TwoHosts:
 
     @staticmethod
     def kill(process: subprocess.Popen) -> None:
-        """The process and everything it started (its session)."""
-        if process.poll() is None:
+        """The process and everything it started (its session), even what outlived it."""
+        try:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        except ProcessLookupError:
+            pass
+        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -474,20 +477,51 @@ def _renders(probe_log: Path) -> list[str]:
     return [line.split()[0] for line in probe_log.read_text().splitlines() if line.endswith(" render")]
 
 
+def _start_nodes(hosts, tmp_path: Path, name: str, argv_of, env: dict) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Node 0 and node 1 of a run (``argv_of(node)``), with their logs ``NAME0.log`` and ``NAME1.log``."""
+    logs = [tmp_path / f"{name}{node}.log" for node in (0, 1)]
+    return [hosts.start(node, argv_of(node), logs[node], env) for node in (0, 1)], logs
+
+
+def _until_checkpoint(output: Path, step: int, nodes: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Wait until rank 0 marked ``checkpoint-STEP`` complete (every rank has written its part by then)."""
+    state = output / f"checkpoint-{step}" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not state.is_file() and all(n.poll() is None for n in nodes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.is_file(), "".join(log.read_text()[-3000:] for log in logs)
+
+
+def _assert_nothing_looks_finished(output: Path, steps: int) -> None:
+    assert not (output / "metrics.json").exists() and not (output / "model.safetensors").exists()
+    assert not (output / "adapter_model.safetensors").exists()
+    assert latest_checkpoint(output).name != f"checkpoint-{steps}"  # killed mid-run; half-written is not complete
+
+
+def _resumed(hosts, tmp_path: Path, output: Path, argv_of, env: dict, reference: list[dict]) -> list[Path]:
+    """Both nodes started again with ``--resume_from_checkpoint auto``: they finish from the latest complete
+    checkpoint, with the reference's losses; returns their logs."""
+    latest = latest_checkpoint(output)
+    nodes, logs = _start_nodes(hosts, tmp_path, "resume", lambda node: [*argv_of(node), "--resume_from_checkpoint",
+                                                                         "auto"], env)
+    assert _wait(nodes, logs) == [0, 0], "".join(log.read_text()[-3000:] for log in logs)
+    assert f"resume: {latest}" in logs[0].read_text() and "done: node 1 of 2 finished" in logs[1].read_text()
+    history = json.loads((output / "metrics.json").read_text())["log_history"]
+    print(f"resumed from {latest.name}: largest relative loss difference to one process "
+          f"{_assert_equal_losses(history, reference):.1e}")
+    return logs
+
+
 @pytest.mark.slow
 def test_zero3_full_node_lost_then_both_resumed_equals_one_process(tmp_path, hosts, probe, tiny_llama):
     env, probe_log = probe
     output, cache, steps = tmp_path / "out", tmp_path / "shared-cache", 12
     reference = _one_process_reference(tiny_llama, tmp_path / "reference", tmp_path / "reference-cache",
                                        "--deepspeed", "zero3", steps=steps)
-    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
-    nodes = [hosts.start(node, _node_argv(tiny_llama, output, cache, node, 30400, "--deepspeed", "zero3",
-                                          steps=steps), logs[node], env) for node in (0, 1)]
-    first = output / "checkpoint-4" / "trainer_state.json"
-    deadline = time.monotonic() + 600
-    while not first.is_file() and all(n.poll() is None for n in nodes) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert first.is_file(), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    argv_of = {name: (lambda node, port=port: _node_argv(tiny_llama, output, cache, node, port, "--deepspeed", "zero3",
+                                                       steps=steps)) for name, port in (("node", 30400), ("resume", 30401))}
+    nodes, logs = _start_nodes(hosts, tmp_path, "node", argv_of["node"], env)
+    _until_checkpoint(output, 4, nodes, logs)
     hosts.kill(nodes[1])  # node 1 dies: its launcher and ranks at once
     killed = time.monotonic()
     assert _wait(nodes[:1], logs)[0] != 0
@@ -496,46 +530,39 @@ def test_zero3_full_node_lost_then_both_resumed_equals_one_process(tmp_path, hos
     errors = _errors(logs[0])
     assert len(errors) == 1 and errors[0].startswith("error: lost contact with another node"), logs[0].read_text()
     assert "--resume_from_checkpoint auto (latest complete checkpoint:" in errors[0]
-    assert not (output / "metrics.json").exists() and not (output / "model.safetensors").exists()
-    killed_at = max(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
-    assert killed_at < steps  # killed mid-run; a checkpoint it left half-written is not a complete one
+    _assert_nothing_looks_finished(output, steps)
     print(f"\nnode 0 exited {exit_s:.1f} s after node 1 was killed (--ddp_timeout {FAULT_TIMEOUT_S})")
 
-    latest = latest_checkpoint(output)
-    resume = [hosts.start(node, _node_argv(tiny_llama, output, cache, node, 30401, "--deepspeed", "zero3",
-                                           "--resume_from_checkpoint", "auto", steps=steps),
-                          tmp_path / f"resume{node}.log", env) for node in (0, 1)]
-    resume_logs = [tmp_path / "resume0.log", tmp_path / "resume1.log"]
-    assert _wait(resume, resume_logs) == [0, 0], resume_logs[0].read_text()[-3000:] + resume_logs[1].read_text()[-3000:]
-    assert f"resume: {latest}" in resume_logs[0].read_text()
-    history = json.loads((output / "metrics.json").read_text())["log_history"]
-    print(f"largest relative loss difference to one process: {_assert_equal_losses(history, reference):.1e}")
+    _resumed(hosts, tmp_path, output, argv_of["resume"], env, reference)
     _assert_complete_checkpoints(output, [4, 8, 12], shards="zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
     assert len(_renders(probe_log)) == 2  # one shared cache: train and dev rendered once in all, by either node
-    assert "done: node 1 of 2 finished" in resume_logs[1].read_text()
 
 
 @pytest.mark.slow
-def test_zero2_lora_on_two_hosts_equals_one_process(tmp_path, hosts, probe, tiny_llama):
+def test_zero2_lora_both_nodes_killed_then_resumed_equals_one_process(tmp_path, hosts, probe, tiny_llama):
     env, probe_log = probe
     output, steps = tmp_path / "out", 8
     # No LoRA dropout: its masks are drawn per rank, so two ranks of 8 samples draw other masks than one of 16.
     lora = ("--deepspeed", "zero2", "--use_lora", "--lora_dropout", "0")
     reference = _one_process_reference(tiny_llama, tmp_path / "reference", tmp_path / "reference-cache", *lora,
                                        steps=steps)
-    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
-    nodes = [hosts.start(node, _node_argv(tiny_llama, output, tmp_path / f"cache-{node}", node, 30410, *lora,
-                                          steps=steps), logs[node], env) for node in (0, 1)]
-    assert _wait(nodes, logs) == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
-    history = json.loads((output / "metrics.json").read_text())["log_history"]
-    print(f"\nlargest relative loss difference to one process: {_assert_equal_losses(history, reference):.1e}")
+    argv_of = {name: (lambda node, port=port: _node_argv(tiny_llama, output, tmp_path / f"cache-{node}", node, port,
+                                                       *lora, steps=steps)) for name, port in (("node", 30410),
+                                                                                               ("resume", 30411))}
+    nodes, logs = _start_nodes(hosts, tmp_path, "node", argv_of["node"], env)
+    _until_checkpoint(output, 4, nodes, logs)
+    for node in nodes:  # both nodes die at once (a preempted job)
+        hosts.kill(node)
+    _assert_nothing_looks_finished(output, steps)
+
+    _resumed(hosts, tmp_path, output, argv_of["resume"], env, reference)
     _assert_complete_checkpoints(output, [4, 8], shards="zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     assert (output / "adapter_model.safetensors").is_file()
-    assert sorted(_renders(probe_log)) == ["0", "0", "1", "1"]  # node-local caches: each node renders its own
+    assert sorted(_renders(probe_log)) == ["0", "0", "1", "1"]  # node-local caches: each node renders its own once
     ranks = json.loads((output / "data_summary.json").read_text())["ranks"]
     assert [(r["rank"], r["node"], r["host"]) for r in ranks] == [(0, 0, "host-0"), (1, 1, "host-1")]
-    assert all(r["rendered"] for r in ranks) and ranks[0]["rows"] == ranks[1]["rows"]
+    assert ranks[0]["rows"] == ranks[1]["rows"] and not any(r["rendered"] for r in ranks)  # resumed: all cached
 
 
 @pytest.mark.slow
