@@ -644,6 +644,7 @@ def test_a_node_without_the_checkpoint_and_a_node_cut_off_each_end_the_run_with_
         hosts.link(up=True)
     waited = time.monotonic() - cut
     assert codes == [1, 1] and timeout <= waited + 0.5 < timeout + 60
+    print(f"\nboth nodes exited {waited:.1f} s after the link went down (--ddp_timeout {timeout})")
     for log in logs:
         errors = _errors(log)
         assert len(errors) == 1 and errors[0].startswith(f"error: no answer from another node within --ddp_timeout "
