@@ -515,7 +515,7 @@ def _resumed(hosts, tmp_path: Path, output: Path, argv_of, env: dict, reference:
 @pytest.mark.slow
 def test_zero3_full_node_lost_then_both_resumed_equals_one_process(tmp_path, hosts, probe, tiny_llama):
     env, probe_log = probe
-    output, cache, steps = tmp_path / "out", tmp_path / "shared-cache", 12
+    output, cache, steps = tmp_path / "out", tmp_path / "shared-cache", 8
     reference = _one_process_reference(tiny_llama, tmp_path / "reference", tmp_path / "reference-cache",
                                        "--deepspeed", "zero3", steps=steps)
     argv_of = {name: (lambda node, port=port: _node_argv(tiny_llama, output, cache, node, port, "--deepspeed", "zero3",
@@ -534,7 +534,7 @@ def test_zero3_full_node_lost_then_both_resumed_equals_one_process(tmp_path, hos
     print(f"\nnode 0 exited {exit_s:.1f} s after node 1 was killed (--ddp_timeout {FAULT_TIMEOUT_S})")
 
     _resumed(hosts, tmp_path, output, argv_of["resume"], env, reference)
-    _assert_complete_checkpoints(output, [4, 8, 12], shards="zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    _assert_complete_checkpoints(output, [4, 8], shards="zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
     assert len(_renders(probe_log)) == 2  # one shared cache: train and dev rendered once in all, by either node
 
