@@ -93,6 +93,7 @@ class LaunchOptions:
     hostfile: str | None = None
     master_port: int | None = None
     master_addr: str | None = None
+    node_rank: int | None = None  # set: this node's part of a run started once per node (minicpm_train.nodes)
 
 
 @dataclass

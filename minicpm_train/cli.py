@@ -134,6 +134,9 @@ def run_command(
     for notice in run.notices:
         console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
     where = f"{plan.ranks} CPU process{'es' if plan.ranks > 1 else ''}" if plan.device == "cpu" else f"{plan.ranks} GPU(s)"
+    if plan.nodes > 1:
+        node = f"node {plan.node_rank} of {plan.nodes}" if plan.node_rank is not None else f"{plan.nodes} nodes"
+        where = f"{node}, {where} {'here' if plan.node_rank is not None else 'each'}"
     console.print(f"run: {plan.mode.replace('_', '-')} on {where}, {plan.precision}, "
                   f"{'QLoRA' if run.options.qlora else 'LoRA' if run.options.use_lora else 'full'}"
                   f"{', DeepSpeed ' + Path(run.training['deepspeed']).stem if run.training.get('deepspeed') else ''}"
@@ -141,12 +144,26 @@ def run_command(
     if dry_run:
         if plan.mode == "launcher":
             console.print(" ".join(launcher_command(plan, Path("RESOLVED.json"))), highlight=False)
+        elif plan.mode == "rank":
+            console.print(" ".join(f"{k}={v}" for k, v in plan.env.items()), highlight=False)
         return
     from minicpm_train.resume import interrupted_message
 
     try:
         if plan.mode == "launcher":
-            raise typer.Exit(run_launcher(run, plan))
+            code = run_launcher(run, plan)
+            if plan.node_rank:  # node 0's rank 0 reports the run; the others only say they are done
+                console.print(f"done: node {plan.node_rank} of {plan.nodes} finished; node 0 writes the outputs",
+                              highlight=False)
+            raise typer.Exit(code)
+        if plan.mode == "rank":  # srun started this process as one rank of the run
+            import os
+
+            from minicpm_train.recipe import run_rank
+
+            os.environ.update(run.env)
+            run_rank(run)
+            return
 
         from minicpm_train.callbacks import ProgressCallback
         from minicpm_train.recipe import train
@@ -197,14 +214,14 @@ def _gib(n_bytes: int) -> str:
 def _show_plan(report) -> None:
     from rich.table import Table
 
-    from minicpm_train.plan import memory_terms
+    from minicpm_train.plan import gpus_text, memory_terms
 
     e, s = report.estimate, report.settings
     ds = s.deepspeed.name if s.deepspeed else "none"
     padding = "padded to max" if s.pad_to_max else "dynamic padding"
     table = Table(title=f"{report.model}: {s.method}, {s.precision}, micro batch {s.micro_batch} x "
                         f"{s.max_length} tokens ({padding}, accumulation {s.gradient_accumulation}), checkpointing "
-                        f"{'on' if s.gradient_checkpointing else 'off'}, DeepSpeed {ds}, {s.num_gpus} GPU(s)",
+                        f"{'on' if s.gradient_checkpointing else 'off'}, DeepSpeed {ds}, {gpus_text(s)}",
                   header_style="bold")
     table.add_column("per GPU")
     table.add_column("memory", justify="right")

@@ -540,7 +540,8 @@ def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
 @functools.cache
 def trainer_class() -> type:
     """transformers' ``Trainer``, with length grouping that takes sample lengths from the datasets' offsets
-    (its own reads every row once, which costs seconds at millions of samples)."""
+    (its own reads every row once, which costs seconds at millions of samples), and checkpoints marked complete
+    only once every rank has written its part."""
     from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -551,6 +552,14 @@ def trainer_class() -> type:
                 return super()._get_train_sampler(train_dataset)
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=dataset.lengths.tolist())
+
+        def _save_rng_state(self, output_dir):
+            # Each rank's RNG state is its last file of a checkpoint; rank 0 writes trainer_state.json (what makes a
+            # checkpoint complete) right after its own: wait for every rank, so a node lost mid-save leaves an
+            # incomplete checkpoint rather than one that resumes without its RNG states.
+            super()._save_rng_state(output_dir)
+            if self.args.world_size > 1:
+                self.accelerator.wait_for_everyone()
 
     return MappedDataTrainer
 

@@ -44,6 +44,11 @@ class Environment:
     nvcc: str | None = None
     bnb_backend: str | None = None
     bnb_error: str | None = None
+    # Several nodes (None: not gathered): interface -> IPv4 addresses, the host name and what it resolves to.
+    interfaces: dict[str, list[str]] | None = None
+    hostname: str | None = None
+    hostname_address: str | None = None
+    launchers: dict[str, bool] = field(default_factory=dict)  # pdsh, ssh: what --hostfile needs
 
 
 @dataclass
@@ -72,8 +77,10 @@ def gather() -> Environment:
     environment = Environment(
         python=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
         torch=packages.pop("torch"), torch_cuda=None, cuda_available=False, gpus=[], packages=packages,
-        env={k: v for k, v in os.environ.items() if k.startswith("NCCL_") or k == "CUDA_VISIBLE_DEVICES"},
-        compiler=shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"), nvcc=shutil.which("nvcc"))
+        env={k: v for k, v in os.environ.items()
+             if k.startswith(("NCCL_", "GLOO_", "SLURM_")) or k in ("CUDA_VISIBLE_DEVICES", "MASTER_ADDR")},
+        compiler=shutil.which("c++") or shutil.which("g++") or shutil.which("gcc"), nvcc=shutil.which("nvcc"),
+        launchers={name: bool(shutil.which(name)) for name in ("pdsh", "ssh")}, **_network())
     if environment.torch is None:
         return environment
     import torch
@@ -110,6 +117,22 @@ def gather() -> Environment:
         except Exception as error:
             environment.bnb_error = str(error).splitlines()[0]
     return environment
+
+
+def _network() -> dict:
+    """This machine's IPv4 interfaces and the address its host name resolves to (what gloo binds to by default)."""
+    import socket
+
+    import psutil
+
+    interfaces = {name: [a.address for a in addresses if a.family == socket.AF_INET]
+                  for name, addresses in psutil.net_if_addrs().items()}
+    hostname = socket.gethostname()
+    try:
+        address = socket.gethostbyname(hostname)
+    except OSError:
+        address = None
+    return {"interfaces": interfaces, "hostname": hostname, "hostname_address": address}
 
 
 def _at_least(version: str, minimum: str) -> bool:
@@ -227,6 +250,67 @@ def _bnb_check(env: Environment) -> list[Check]:
     return [Check("bitsandbytes backend", env.bnb_backend or "unknown", "ok" if env.bnb_backend else "warn", advice)]
 
 
+def _interface_matches(spec: str, names: list[str]) -> list[str]:
+    """The interfaces an ``NCCL_SOCKET_IFNAME`` / ``GLOO_SOCKET_IFNAME`` value picks: NCCL's ``eth`` (prefix),
+    ``=eth0`` (exact) and ``^docker`` (all but) forms; gloo's names are exact."""
+    exclude = spec.startswith("^")
+    parts = [part for part in spec.lstrip("^").split(",") if part]
+    picked = [n for n in names if any(n == part[1:] if part.startswith("=") else n.startswith(part) for part in parts)]
+    return [n for n in names if n not in picked and n != "lo"] if exclude else picked
+
+
+def _node_checks(env: Environment) -> list[Check]:
+    """What a run on several nodes needs from this machine: an interface the nodes share, the NCCL / gloo
+    interface settings naming it, a host name others can reach, and pdsh/ssh for --hostfile; SLURM, if inside."""
+    if env.interfaces is None:
+        return []
+    shared = {name: addresses for name, addresses in env.interfaces.items()
+              if addresses and not all(a.startswith("127.") for a in addresses)}
+    checks = [Check("network", ", ".join(f"{n} {' '.join(a)}" for n, a in shared.items()) or "loopback only",
+                    "info" if shared else "warn",
+                    "several nodes talk over one of these; name it in NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME when "
+                    "there are several" if shared else "no interface besides loopback: one node only")]
+    for variable, library in (("NCCL_SOCKET_IFNAME", "NCCL"), ("GLOO_SOCKET_IFNAME", "gloo (CPU runs)")):
+        value = env.env.get(variable)
+        if value is None:
+            continue
+        picked = _interface_matches(value, list(env.interfaces))
+        checks.append(Check(variable, f"{value} -> {', '.join(picked) or 'no interface'}", "ok" if picked else "fail",
+                            "" if picked else f"{library} will find no interface of that name here: every run of "
+                                              f"several processes fails to connect; set it to one of "
+                                              f"{', '.join(shared) or 'lo'}"))
+    address = env.hostname_address
+    if address is None or address.startswith("127."):
+        checks.append(Check("host name", f"{env.hostname} -> {address or 'unresolved'}", "info",
+                            "other nodes cannot reach this one by its name: give --master_addr as an IP address, and "
+                            "set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to the interface the nodes share"))
+    else:
+        checks.append(Check("host name", f"{env.hostname} -> {address}", "ok"))
+    if env.env.get("NCCL_IB_DISABLE") == "1" and any(name.startswith("ib") for name in env.interfaces):
+        checks.append(Check("NCCL_IB_DISABLE", "1", "warn", "this machine has InfiniBand, which NCCL now ignores "
+                                                             "(slow between nodes): the guide's setting is only for "
+                                                             "RTX 40-series cards in one machine"))
+    missing = [name for name, present in env.launchers.items() if not present]
+    checks.append(Check("--hostfile launch", "pdsh and ssh" if not missing else f"no {' or '.join(missing)}",
+                        "ok" if not missing else "info",
+                        "" if not missing else "--hostfile needs passwordless ssh and pdsh; a start on each node "
+                                               "(--node_rank) or srun needs neither"))
+    if env.env.get("SLURM_JOB_ID"):
+        from minicpm_train.nodes import SlurmStep, expand_hostlist
+
+        step = SlurmStep.from_env(env.env)
+        hosts = expand_hostlist(env.env.get("SLURM_JOB_NODELIST", ""))
+        if step is not None:
+            checks.append(Check("SLURM", f"job {step.job_id}, step on {', '.join(step.hosts)}: node {step.node_rank}, "
+                                         f"rank {step.rank}", "info", ""))
+        else:
+            checks.append(Check("SLURM", f"job {env.env['SLURM_JOB_ID']} on {', '.join(hosts) or '?'}",
+                                "warn" if len(hosts) > 1 else "info",
+                                "not under srun: a run started here uses this node only; start it with `srun "
+                                "--ntasks-per-node=1 minicpm-train run ...`" if len(hosts) > 1 else ""))
+    return checks
+
+
 def check(env: Environment) -> list[Check]:
     """One verdict per thing a run depends on."""
     python_ok = tuple(map(int, env.python.split(".")[:2])) >= (3, 10)
@@ -239,7 +323,8 @@ def check(env: Environment) -> list[Check]:
                         "" if torch_ok else f"needs torch>={MINIMUM_VERSIONS['torch']}"))
     checks.append(Check("CUDA (torch build)", env.torch_cuda or "none (CPU build)",
                         "ok" if env.torch_cuda else "info"))
-    return checks + _gpu_checks(env) + _package_checks(env) + _deepspeed_checks(env) + _bnb_check(env)
+    return (checks + _gpu_checks(env) + _package_checks(env) + _deepspeed_checks(env) + _bnb_check(env)
+            + _node_checks(env))
 
 
 def model_checks(folder: str, *, trust_remote_code: bool = False) -> list[Check]:

@@ -30,7 +30,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "Data, template, packing and cache": ("template", "train_on", "truncation", "packing", "data_cache_dir"),
     "Precision, loss and remote code": ("precision", "loss_impl", "trust_remote_code"),
     "Re-runs into an output folder": ("overwrite_output_dir", "force_resume"),
-    DEVICE_GROUP: ("include", "exclude", "num_gpus", "num_nodes", "hostfile", "master_port", "master_addr"),
+    DEVICE_GROUP: ("include", "exclude", "num_gpus", "num_nodes", "node_rank", "hostfile", "master_port",
+                   "master_addr"),
 }
 
 # Help for the flags that are not RunOptions fields (those carry their own in the field's metadata).
@@ -60,10 +61,11 @@ FLAG_HELP: dict[str, str] = {
     "include": "GPUs to use: localhost:0,1 (or host1:0,1@host2:2).",
     "exclude": "GPUs not to use, in --include's form.",
     "num_gpus": "GPUs per node (torchrun: --nproc_per_node).",
-    "num_nodes": "Nodes, with --hostfile.",
+    "num_nodes": "Nodes of the run: with --hostfile, or with --node_rank on each node.",
+    "node_rank": "This node's number (0 to --num_nodes - 1) when the run is started once on each node.",
     "hostfile": "File listing the nodes: one 'HOST slots=N' line each.",
     "master_port": "Port of the rank-0 process.",
-    "master_addr": "Address of the rank-0 node.",
+    "master_addr": "Address of the rank-0 node (node 0), reachable from every node.",
 }
 
 # How a default is shown where the field's value alone would not say it.
@@ -78,6 +80,7 @@ DEFAULT_TEXT: dict[str, str] = {
     "include": "every GPU",
     "num_gpus": "every GPU",
     "num_nodes": "1; with --hostfile, all its nodes",
+    "node_rank": "none: one start for all nodes; inside srun: SLURM_NODEID",
     "master_port": "29500",
 }
 

@@ -24,13 +24,15 @@ LAUNCHER_MODULES = {"torch.distributed.run": "torchrun", "torch.distributed.laun
 LAUNCHER_FLAGS = {
     "deepspeed": {"include": "include", "i": "include", "exclude": "exclude", "e": "exclude", "hostfile": "hostfile",
                   "H": "hostfile", "num_gpus": "num_gpus", "num_accelerators": "num_gpus", "num_nodes": "num_nodes",
-                  "master_port": "master_port", "master_addr": "master_addr"},
+                  "master_port": "master_port", "master_addr": "master_addr", "node_rank": "node_rank"},
     "torchrun": {"nproc_per_node": "num_gpus", "nnodes": "num_nodes", "master_port": "master_port",
-                 "master_addr": "master_addr"},
+                 "master_addr": "master_addr", "node_rank": "node_rank", "rdzv_endpoint": "rdzv_endpoint"},
     "accelerate": {"num_processes": "num_gpus", "num_machines": "num_nodes", "gpu_ids": "include",
-                   "main_process_port": "master_port", "main_process_ip": "master_addr"},
+                   "main_process_port": "master_port", "main_process_ip": "master_addr", "machine_rank": "node_rank"},
 }
-_NUMBERS = ("num_gpus", "num_nodes", "master_port")  # LaunchOptions fields that take an integer
+# Launcher switches that say what a --node_rank start already implies: read without a notice.
+IMPLIED_FLAGS = {"deepspeed": {"no_ssh"}}
+_NUMBERS = ("num_gpus", "num_nodes", "master_port", "node_rank")  # LaunchOptions fields that take an integer
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 _CONTINUATION = re.compile(r"\\\s*(#.*)?$")
 _COMMENT = re.compile(r"(?:^|\s)#")
@@ -273,9 +275,11 @@ def _launch_flags(launcher: str, argv: list[str], notices: list[str]) -> list[st
         target = table.get(name)
         if target == "include" and value == "all":
             chosen.pop(target, None)  # every GPU: the default
-        elif target and value and (target not in _NUMBERS or value.isdigit()):
+        elif target == "rdzv_endpoint" and value and re.fullmatch(r"[^:]+:\d+", value):
+            chosen["master_addr"], chosen["master_port"] = value.rsplit(":", 1)  # torchrun's host:port of node 0
+        elif target and target != "rdzv_endpoint" and value and (target not in _NUMBERS or value.isdigit()):
             chosen[target] = f"localhost:{value}" if target == "include" and ":" not in value else value
-        else:
+        elif name not in IMPLIED_FLAGS.get(launcher, ()):
             ignored.append(written)
     if ignored:
         notices.append(f"{launcher}'s own {', '.join(ignored)}: no meaning here (minicpm-train starts the "

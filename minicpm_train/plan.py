@@ -147,7 +147,8 @@ class PlanSettings:
     gradient_checkpointing: bool = False
     precision: str = "bf16"  # bf16 | fp16 | fp32
     deepspeed: DeepSpeedSetup | None = None
-    num_gpus: int = 1
+    num_gpus: int = 1  # data-parallel ranks in all: GPUs per node x nodes
+    num_nodes: int = 1
     lora_r: int = 64
     lora_targets: tuple[str, ...] | str = ("q_proj", "v_proj")
     optimizer: str = "adamw_torch"
@@ -332,6 +333,7 @@ def estimate(arch: Architecture, settings: PlanSettings) -> MemoryEstimate:
             optimizer = states - trainable_weights - gradients - (c * largest_trainable if ds.stage == 3 else 0)
         if ds.offload_optimizer:
             cpu += state * trainable
+    cpu //= settings.num_nodes  # DeepSpeed partitions what it offloads over the ranks: each node holds its share
     if settings.method == "qlora":
         notes.append(f"nf4 with double quantisation: {NF4_DOUBLE_QUANT_BITS:.3f} bits per layer weight; "
                      "embedding, lm_head and norms stay in fp32 after k-bit preparation")
@@ -415,6 +417,12 @@ class Term:
     what: str
 
 
+def gpus_text(s: PlanSettings) -> str:
+    """``4 GPU(s)``, or ``8 GPU(s) (2 nodes x 4)`` on several nodes."""
+    nodes = f" ({s.num_nodes} nodes x {s.num_gpus // s.num_nodes})" if s.num_nodes > 1 else ""
+    return f"{s.num_gpus} GPU(s){nodes}"
+
+
 def _elements(value: int) -> str:
     return f"{value / 1e6:,.1f}M" if value < 1e9 else f"{value / 1e9:,.2f}G"
 
@@ -425,11 +433,11 @@ def memory_terms(e: MemoryEstimate, s: PlanSettings) -> list[Term]:
     share = f"{e.trainable:,} of {e.parameters:,} ({100 * e.trainable / e.parameters:.2f}%)"
     where = ""
     if ds and ds.stage == 3:
-        where = "; offloaded to CPU (offload_param)" if ds.offload_param else f"; partitioned over {s.num_gpus} GPU(s)"
+        where = "; offloaded to CPU (offload_param)" if ds.offload_param else f"; partitioned over {gpus_text(s)}"
     optimizer = f"{s.optimizer}: m, v"
     if ds:
         optimizer += " + fp32 masters and gradients" + (" (in CPU memory: offload_optimizer)" if ds.offload_optimizer
-                                                        else f" / {s.num_gpus} GPU(s)" if ds.stage >= 1 else "")
+                                                        else f" / {gpus_text(s)}" if ds.stage >= 1 else "")
     gradients = ("full gradient of the largest trained weight before reduce-scatter" if ds and ds.stage == 3
                  else "of the trainable parameters")
     live, buffers = "no ZeRO-3", "no DeepSpeed"
@@ -547,8 +555,8 @@ def make_plan(model: str, settings: PlanSettings, *, gpu_memory_gib: float | Non
 # --- from run's flags ----------------------------------------------------------------------------------
 
 
-def settings_from_run(run, arch: Architecture, *, gpus: int, pad_to_max: bool = False) -> PlanSettings:
-    """PlanSettings from a ``ResolvedRun`` (the same flags and ``--config`` as ``run``).
+def settings_from_run(run, arch: Architecture, *, gpus: int, pad_to_max: bool = False, nodes: int = 1) -> PlanSettings:
+    """PlanSettings from a ``ResolvedRun`` (the same flags and ``--config`` as ``run``) on ``gpus`` GPUs per node.
 
     ``pad_to_max``: reproduce OpenBMB's reference trainer (every sample padded to model_max_length, full logits).
     """
@@ -579,7 +587,8 @@ def settings_from_run(run, arch: Architecture, *, gpus: int, pad_to_max: bool = 
         gradient_checkpointing=bool(training.get("activation_checkpointing")),
         precision=precision,
         deepspeed=deepspeed,
-        num_gpus=gpus,
+        num_gpus=gpus * nodes,
+        num_nodes=nodes,
         lora_r=options.lora_r,
         lora_targets=targets,
         optimizer=str(training.get("optim", "adamw_torch")),
@@ -599,6 +608,7 @@ def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib
     from minicpm_train.guide_script import resolve_script
     from minicpm_train.launch import Device, decide, detect_devices
     from minicpm_train.model_sizes import resolve_architecture
+    from minicpm_train.nodes import node_count
 
     if gpu_memory_gib is not None and gpu_memory_gib <= 0:
         raise PlanError(f"--gpu_memory must be more than 0 GB, not {gpu_memory_gib:g}")
@@ -608,11 +618,14 @@ def plan_from_argv(argv: list[str], *, script: str | None = None, gpu_memory_gib
     if not detected:
         count = 64 if run.launch.include else (run.launch.num_gpus or 1)
         devices = [Device("assumed GPU", (8, 0), gpu_memory_gib or 0.0)] * count
-    hardware = decide(run.launch, devices, precision=run.options.precision,
+    # The GPUs of one node decide; --num_nodes / --hostfile multiply them (ZeRO partitions over all of them).
+    one_node = dataclasses.replace(run.launch, num_nodes=None, node_rank=None, hostfile=None)
+    hardware = decide(one_node, devices, precision=run.options.precision,
                       bf16=bool(run.training.get("bf16")), fp16=bool(run.training.get("fp16")))
     run.options.precision = hardware.precision
     arch, _ = resolve_architecture(run.options.model_name_or_path)
-    settings = settings_from_run(run, arch, gpus=hardware.ranks, pad_to_max=pad_to_max)
+    settings = settings_from_run(run, arch, gpus=hardware.ranks, pad_to_max=pad_to_max,
+                                 nodes=node_count(run.launch))
     gpu_name = None
     if detected and gpu_memory_gib is None:
         smallest = min(devices, key=lambda d: d.memory_gib)  # conservative when --include picks some

@@ -1,7 +1,7 @@
 """The training run, top to bottom: load the tokenizer, the data, the model; train; save.
 
-Called in-process by ``minicpm-train run`` (one device or CPU), or on every rank by the ``deepspeed``
-launcher as ``python -m minicpm_train.recipe RESOLVED.json`` (several devices).
+Called in-process by ``minicpm-train run`` (one device or CPU), or on every rank by the ``deepspeed`` launcher
+(or torchrun) as ``python -m minicpm_train.recipe RESOLVED.json`` (several devices, several nodes).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from minicpm_data.errors import MinicpmError
-from minicpm_train.args import ResolvedRun
+from minicpm_train import nodes
+from minicpm_train.args import ResolvedRun, latest_checkpoint
 from minicpm_train.data import DataSummary
 from minicpm_train.launch import name_cpu_accelerator
 from minicpm_train.resume import RunIdentity, resume_point, write_record
@@ -115,6 +116,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         training["deepspeed"] = deepspeed
         if not under_launcher:
             _deepspeed_single_process_env(run.launch.master_port, report)
+    if under_launcher and device == "cpu":
+        nodes.join(training)  # the gloo group with --ddp_timeout (transformers drops it on CPU)
 
     if callbacks:  # the caller shows progress; transformers' own load / save bars would interleave with it
         from transformers.utils import logging as transformers_logging
@@ -221,6 +224,11 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     guard.watch(trainer)
     if callbacks:
         trainer.remove_callback(PrinterCallback)
+    # Several ranks (nodes): all hold the same rows and resume from the same step, or all stop here.
+    rendered = [summary.path for _, summary in train_files + eval_files if not summary.from_cache]
+    datasets = {"train": train_set, **{f"eval {name}": dataset for name, dataset in eval_sets.items()}}
+    ranks = nodes.agree(datasets, rendered=rendered, resume=resume,
+                        requested=run.training.get("resume_from_checkpoint"), output_dir=output_dir, report=report)
 
     # 5. Train; evaluate at the end (never before train(): DeepSpeed cannot evaluate an untrained engine).
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -238,14 +246,17 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
         measured = memory_record(run, memory.ranks) if memory.ranks else None
         if measured:
             report(measured["summary"])
-        _write_outputs(output_dir, record, metrics, train_summary, eval_summary, trainer.state.log_history, measured)
+        _write_outputs(output_dir, record, metrics, train_summary, eval_summary, trainer.state.log_history, measured,
+                       ranks)
     return RunResult(output_dir, trainer.model, metrics, train_summary, eval_summary, trainer.state.log_history)
 
 
 def _write_outputs(output_dir: Path, record: dict, metrics: dict, train_summary: DataSummary,
-                   eval_summary: DataSummary | None, log_history: list[dict], memory: dict | None) -> None:
+                   eval_summary: DataSummary | None, log_history: list[dict], memory: dict | None,
+                   ranks: list[dict] | None = None) -> None:
     write_record(output_dir, record)
-    summary = {"train": train_summary.to_dict(), "eval": eval_summary.to_dict() if eval_summary else None}
+    summary = {"train": train_summary.to_dict(), "eval": eval_summary.to_dict() if eval_summary else None,
+               **({"ranks": ranks} if ranks else {})}  # several ranks: each one's node, row fingerprints, renders
     (output_dir / "data_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     measured = {"memory": memory} if memory else {}
     (output_dir / "metrics.json").write_text(json.dumps({"final": metrics, "log_history": log_history, **measured},
@@ -278,24 +289,36 @@ def plot_loss_curve(log_history: list[dict], target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry for each rank under the ``deepspeed`` launcher: ``python -m minicpm_train.recipe RESOLVED.json``."""
+    """Entry for each rank under the launcher: ``python -m minicpm_train.recipe RESOLVED.json``."""
+    argv = sys.argv[1:] if argv is None else argv
+    resolved = Path(argv[0])
+    run_rank(ResolvedRun.from_dict(json.loads(resolved.read_text())), errors=nodes.error_folder(resolved))
+
+
+def run_rank(run: ResolvedRun, errors: Path | None = None) -> None:
+    """Train as one rank of several; rank 0 shows progress. A library error, or another node lost, ends this
+    rank with exit code 1 and one line for its node: left in ``errors`` for the node's ``minicpm-train run`` to
+    print, or printed by the node's first rank (``nodes.stop``)."""
     from minicpm_train.callbacks import ProgressCallback
 
-    argv = sys.argv[1:] if argv is None else argv
-    run = ResolvedRun.from_dict(json.loads(Path(argv[0]).read_text()))
     rank_zero = os.environ.get("RANK", "0") == "0"
     report = print if rank_zero else (lambda message: None)
     progress = ProgressCallback()
     try:
         train(run, report=report, callbacks=(progress,) if rank_zero else (), under_launcher=True)
-    except MinicpmError as error:  # every rank meets the same error: say it once, as the CLI would
+    except MinicpmError as error:  # every rank meets the same error: its node says it once
         progress.stop()
-        if rank_zero:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        nodes.stop(str(error), errors, lost=False)
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: `minicpm-train run` says what was saved, once
         progress.stop()
         sys.exit(130)
+    except Exception as error:
+        cause = nodes.lost_contact(error)
+        if cause is None:
+            raise
+        progress.stop()
+        message = nodes.lost_contact_message(cause, run.training, latest_checkpoint(Path(run.training["output_dir"])))
+        nodes.stop(message, errors, lost=True)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ from minicpm_data.cli import app as data_app
 from minicpm_train.args import flag_name, known_flag_names
 from minicpm_train.cli import app as train_app
 from minicpm_train.flag_help import own_fields
-from minicpm_train.guide_script import LAUNCHER_FLAGS
+from minicpm_train.guide_script import IMPLIED_FLAGS, LAUNCHER_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Flags of other programs that the docs name: pip's and `hf download`'s in install notes, the deepspeed
 # command `run` starts, and `accelerate launch --config_file` (read from guide scripts, not a run flag).
-OTHER_PROGRAMS_FLAGS = {"--index-url", "--local-dir", "--module", "--config_file"}
+OTHER_PROGRAMS_FLAGS = {"--index-url", "--local-dir", "--module", "--config_file", "--no_local_rank",
+                        # sbatch / srun, in the SLURM page's job script
+                        "--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--gpus-per-task",
+                        "--cpus-per-task", "--time", "--output"}
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 _INLINE = re.compile(r"`([^`\n]+)`")
 _COMMAND = re.compile(r"\bminicpm-(data|train)(?:\s+([a-z][a-z-]*))?")
@@ -68,7 +71,8 @@ def _script_flags() -> frozenset[str]:
 def _any_flag() -> frozenset[str]:
     """Every flag some command accepts, the launcher flags guide scripts are read with, the project's scripts'
     flags, and OTHER_PROGRAMS_FLAGS."""
-    launcher = {f"--{name}" for flags in LAUNCHER_FLAGS.values() for name in flags if len(name) > 1}
+    launcher = {f"--{name}" for table in (LAUNCHER_FLAGS, IMPLIED_FLAGS) for flags in table.values() for name in flags
+                if len(name) > 1}
     every = {flag for cli, commands in _commands().items() for sub in commands for flag in _accepted(cli, sub)}
     return frozenset(every | launcher | _script_flags() | OTHER_PROGRAMS_FLAGS)
 
