@@ -123,7 +123,8 @@ def export_lora(adapter: str | Path, base: str | Path | None, output: str | Path
     size = write_gguf(output, writer, tensors, on_progress)
 
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    notices = [f"the adapter records its base as {recorded}; it is laid out against {base}"] if recorded else []
+    notices = ([f"the adapter was trained on {recorded}; it is laid out against --base {base}"]
+               if recorded and Path(recorded).resolve() != base.resolve() else [])
     if tokenizer_dir.is_dir():
         tokenizer = load_tokenizer(str(tokenizer_dir))
         from_line = f"./{base.name}" if base.parent.resolve() == output.parent.resolve() else str(base.resolve())
@@ -272,6 +273,10 @@ def _lora_matrices(adapter: Path, config: dict, architecture: Architecture, base
             raise ExportError(f"{adapter} adapts lm_head, which {base} ties to the embeddings: llama.cpp cannot "
                               "apply it; merge the adapter and export the merged folder")
         gguf_name = architecture.tensor_name(weight)
+        if not architecture.lora_applies(gguf_name):
+            raise ExportError(f"{adapter} adapts {module}, but llama.cpp's minicpm3 applies no LoRA to the latent "
+                              "attention projections (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj): --lora would "
+                              "silently ignore it; merge the adapter (minicpm-train merge) and export the merged folder")
         expected = base_shapes.get(gguf_name)
         if expected is None:
             raise ExportError(f"the adapter {adapter} adapts {module}, which {base} does not have: {trained_on}")

@@ -210,6 +210,12 @@ class Architecture:
         # LlamaModel.permute of llama.cpp's converter, applied to row indices
         return rows.reshape(heads, 2, self.head_dim // 2).swapaxes(1, 2).reshape(-1)
 
+    def lora_applies(self, gguf_name: str) -> bool:
+        """Whether llama.cpp applies a LoRA to this tensor: its minicpm3 graph multiplies the latent attention
+        projections directly, skipping any adapter (``src/models/minicpm3.cpp``)."""
+        latent = (".attn_q_a.", ".attn_q_b.", ".attn_kv_a_mqa.", ".attn_kv_b.")
+        return self.model_type != "minicpm3" or not any(part in gguf_name for part in latent)
+
     def extra_tensors(self) -> dict[str, list[float]]:
         """Tensors llama.cpp needs that the checkpoint does not store: RoPE factors."""
         import gguf

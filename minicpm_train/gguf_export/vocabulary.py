@@ -119,7 +119,7 @@ def _token_type(token_id: int, token: str, added: dict, unk_id: int | None, *, s
 
     if token_id == unk_id:
         return TokenType.UNKNOWN
-    if _BYTE_PIECE.fullmatch(token):
+    if token.startswith("<0x") and _BYTE_PIECE.fullmatch(token):
         return TokenType.BYTE
     if token_id in added:
         if added[token_id].get("special"):
