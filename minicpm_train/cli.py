@@ -507,17 +507,22 @@ def export_command(
         raise ExportError(f"--format {output_format}: the only export format is gguf")
     if base and not lora:
         raise ExportError("--base is for --lora (the base a LoRA adapter applies to); a model folder exports alone")
-    columns = (TextColumn("writing {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress, _quiet_loading():
-        task = progress.add_task(Path(output).name, total=None)
+    progress = Progress(TextColumn("writing {task.description}"), BarColumn(), DownloadColumn(),
+                        TimeRemainingColumn(), console=err_console, transient=True)
+    task = progress.add_task(Path(output).name, total=None)
 
-        def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def on_progress(done: int, total: int) -> None:
+        progress.start()  # shown once writing starts, so a refusal before it is one clean line
+        progress.update(task, completed=done, total=total)
 
-        if lora:
-            result = export_lora(model, base, output, outtype=outtype, force=force, on_progress=on_progress)
-        else:
-            result = export_model(model, output, outtype=outtype, force=force, on_progress=on_progress)
+    try:
+        with _quiet_loading():
+            if lora:
+                result = export_lora(model, base, output, outtype=outtype, force=force, on_progress=on_progress)
+            else:
+                result = export_model(model, output, outtype=outtype, force=force, on_progress=on_progress)
+    finally:
+        progress.stop()
     _show_notices(result.notices)
     console.print(f"exported {model} -> {result.path} ({result.architecture}, {result.outtype}, {result.tensors} "
                   f"tensors, {result.size / 1e6:,.1f} MB)", highlight=False)

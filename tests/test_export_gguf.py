@@ -25,9 +25,9 @@ if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("llama-cpp-python is not installed (pip install -e '.[export]' builds it)", allow_module_level=True)
 
 PROMPT = "MiniCPM 是面壁智能的端侧大模型。The quick brown fox jumps over the lazy dog, 然后回答：天空为什么是蓝色的？"
-# max |llama.cpp - transformers| / max |transformers| at the last position, per outtype (measured: f32 <= 2.3e-6,
-# f16 <= 3.1e-3, bf16 <= 2.2e-2, q8_0 <= 8.5e-2 on these random-weight models, whose logits are far from uniform).
-TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.15}
+# max |llama.cpp - transformers| / max |transformers| at the last position, per outtype (measured on these
+# random-weight models, whose logits are far from uniform: f32 <= 2.3e-6, f16 <= 3.1e-3, bf16 3.2e-3, q8_0 <= 4e-2).
+TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.1}
 GREEDY_TOKENS = 16
 MINICPM3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 1.0,
                      "original_max_position_embeddings": 2048,

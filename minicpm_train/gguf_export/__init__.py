@@ -122,17 +122,20 @@ def export_lora(adapter: str | Path, base: str | Path | None, output: str | Path
                                          partial(_numpy, matrix)))
     size = write_gguf(output, writer, tensors, on_progress)
 
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
     notices = ([f"the adapter was trained on {recorded}; it is laid out against --base {base}"]
                if recorded and Path(recorded).resolve() != base.resolve() else [])
-    if tokenizer_dir.is_dir():
+    if base.is_dir():
+        notices.append(f"the Modelfile's FROM names the folder {base}: Ollama needs the base as GGUF; export it "
+                       "with minicpm-train export and put that file's path there")
+    from_line = f"./{base.name}" if base.parent.resolve() == output.parent.resolve() else str(base.resolve())
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base if base.is_dir() else None
+    if tokenizer_dir is None:
+        text = f"FROM {from_line}\nADAPTER ./{output.name}\n"  # the base GGUF's own template applies
+    else:
         tokenizer = load_tokenizer(str(tokenizer_dir))
-        from_line = f"./{base.name}" if base.parent.resolve() == output.parent.resolve() else str(base.resolve())
-        if base.is_dir():
-            notices.append(f"the Modelfile's FROM names the folder {base}: Ollama needs the base as GGUF; export it "
-                           "with minicpm-train export and put its path there")
-        write_text(modelfile_path, modelfile(tokenizer, trained_layout(tokenizer, run_options(adapter)),
-                                             adds_bos(tokenizer), model=from_line, adapter=f"./{output.name}"))
+        text = modelfile(tokenizer, trained_layout(tokenizer, run_options(adapter)), adds_bos(tokenizer),
+                         model=from_line, adapter=f"./{output.name}")
+    write_text(modelfile_path, text)
     return ExportResult(output, modelfile_path, architecture.name, outtype, len(tensors), size,
                         architecture.notices + notices)
 
