@@ -48,6 +48,13 @@ def models(tmp_path_factory) -> dict:
                        config_overrides={**wide, "num_attention_heads": 8, "num_key_value_heads": 4}),
         "minicpm2": build("minicpm2", tmp_path_factory.mktemp("minicpm2"), shared_dir=None),
         "minicpm4": build("minicpm4", tmp_path_factory.mktemp("minicpm4"), shared_dir=None),
+        # MiniCPM4-8B's own case: max_position_embeddings = original context, so the short factors apply (256:
+        # llama.cpp rounds the context size up to a multiple of 256, and picks the factors by that size)
+        "minicpm4-short": build("minicpm4", tmp_path_factory.mktemp("minicpm4-short"), shared_dir=None,
+                                config_overrides={"max_position_embeddings": 256, "rope_scaling": {
+                                    "rope_type": "longrope", "original_max_position_embeddings": 256,
+                                    "long_factor": build_tiny_models.MINICPM4_LONG_FACTOR,
+                                    "short_factor": build_tiny_models.MINICPM4_SHORT_FACTOR}}),
         "minicpm3": build("minicpm3", tmp_path_factory.mktemp("minicpm3"), config_overrides={
             **wide, "num_attention_heads": 8, "num_key_value_heads": 8, "scale_emb": 12, "dim_model_base": 256,
             "rope_parameters": MINICPM3_LONGROPE}),
@@ -90,7 +97,7 @@ def llama_run(path, ids: list[int], *, lora=None, f32_cache: bool = True):
     import llama_cpp
 
     cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, n_batch=256,
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=128, n_batch=128,
                           n_threads=2, logits_all=True, verbose=False, **cache)
     try:
         llm.eval(ids)
@@ -130,7 +137,7 @@ def reference(models):
 
 
 @pytest.mark.parametrize("kind, outtype", [
-    ("llama", "f32"), ("minicpm2", "f32"), ("minicpm4", "f32"), ("minicpm3", "f32"),
+    ("llama", "f32"), ("minicpm2", "f32"), ("minicpm4", "f32"), ("minicpm4-short", "f32"), ("minicpm3", "f32"),
     ("llama", "f16"), ("minicpm4", "f16"), ("minicpm3", "bf16"), ("minicpm2", "q8_0"), ("llama", "q8_0"),
 ])
 def test_llama_cpp_runs_the_export_as_transformers_runs_the_model(kind, outtype, exported, reference):
@@ -340,6 +347,41 @@ def test_run_merge_export_on_an_openbmb_layout_folder(tiny_minicpm2, data_cache,
     assert "/gpu-box/models/2b" in err and "(minicpm, f16" in " ".join(out.split())  # named, and not used
     modelfile = (tmp_path / "lora.Modelfile").read_text()
     assert modelfile.startswith(f"FROM {base.resolve()}\nADAPTER ./lora.gguf\n")
+
+
+def test_weights_as_openbmb_and_hf_ship_them_export_the_same(models, exported, tmp_path):
+    """pytorch_model.bin (MiniCPM-2B-sft-bf16's download) and sharded safetensors give the same GGUF as
+    model.safetensors; bf16 weights make ``auto`` write bf16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from minicpm_train.gguf_export import export_model
+
+    source = models["llama"]
+    weights = load_file(str(source / "model.safetensors"))
+    names = sorted(weights)
+    layouts = {"bin": lambda d: torch.save(weights, d / "pytorch_model.bin"),
+               "shards": lambda d: _save_shards(weights, names, d)}
+    expected = exported("llama", "f16").read_bytes()
+    for layout, write in layouts.items():
+        folder = shutil.copytree(source, tmp_path / layout / source.name, ignore=shutil.ignore_patterns("model.*"))
+        write(folder)
+        assert export_model(folder, tmp_path / f"{layout}.gguf", outtype="f16").path.read_bytes() == expected, layout
+    bf16 = shutil.copytree(source, tmp_path / "bf16" / source.name, ignore=shutil.ignore_patterns("model.*"))
+    save_file({name: tensor.to(torch.bfloat16) for name, tensor in weights.items()}, str(bf16 / "model.safetensors"))
+    assert export_model(bf16, tmp_path / "bf16.gguf").outtype == "bf16"
+
+
+def _save_shards(weights: dict, names: list[str], folder) -> None:
+    from safetensors.torch import save_file
+
+    half = len(names) // 2
+    weight_map = {}
+    for index, part in enumerate((names[:half], names[half:]), start=1):
+        file = f"model-0000{index}-of-00002.safetensors"
+        save_file({name: weights[name] for name in part}, str(folder / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 # --- refusals -------------------------------------------------------------------------------------------------
