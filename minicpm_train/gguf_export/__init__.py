@@ -93,6 +93,8 @@ def export_model(folder: str | Path, output: str | Path, *, outtype: str = "auto
 def export_lora(adapter: str | Path, base: str | Path | None, output: str | Path, *, outtype: str = "auto",
                 force: bool = False, on_progress=None) -> ExportResult:
     """Write a LoRA run's adapter as a GGUF LoRA for the base ``base`` (a GGUF file or the base model's folder)."""
+    import gguf
+
     from minicpm_data.tokenizer import load_tokenizer
     from minicpm_train.inference import run_options
 
@@ -109,8 +111,6 @@ def export_lora(adapter: str | Path, base: str | Path | None, output: str | Path
     outtype = resolve_outtype(outtype, {str(matrix.dtype) for pair in lora.values() for matrix in pair})
 
     writer = _writer(architecture.name, adapter.name)
-    import gguf
-
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter_config["lora_alpha"]))
