@@ -529,5 +529,6 @@ def export_command(
     if result.modelfile.is_file():
         console.print(f"Ollama: ollama create NAME -f {result.modelfile}", highlight=False)
 
+
 if __name__ == "__main__":
     main()
