@@ -512,5 +512,50 @@ def eval_command(
         _show_eval(result, path)
 
 
+@_command("export", help="Write a model folder (merged or fully fine-tuned) as GGUF for llama.cpp, Ollama and LM "
+                         "Studio, or with --lora a LoRA run's adapter as a GGUF LoRA; an Ollama Modelfile goes beside.")
+def export_command(
+    model: str = typer.Argument(..., help="A model folder (a merged or full run's output), or with --lora a LoRA "
+                                          "run's output folder."),
+    output: str = typer.Option(..., "-o", "--output", help="The file to write, FILE.gguf (FILE.Modelfile beside it)."),
+    output_format: str = typer.Option("gguf", "--format", help="Output format: gguf."),
+    outtype: str = typer.Option("auto", "--outtype", help="auto (bf16 for bf16 weights, else f16), f32, f16, bf16 "
+                                                          "or q8_0."),
+    lora: bool = typer.Option(False, "--lora", help="Export MODEL's LoRA adapter for llama.cpp's --lora."),
+    base: str = typer.Option(None, "--base", help="With --lora: the base model the adapter applies to, as a GGUF "
+                                                  "file or its folder (never the path recorded at training)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output and Modelfile."),
+) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from minicpm_train.gguf_export import ExportError, export_lora, export_model
+
+    if output_format != "gguf":
+        raise ExportError(f"--format {output_format}: the only export format is gguf")
+    if base and not lora:
+        raise ExportError("--base is for --lora (the base a LoRA adapter applies to); a model folder exports alone")
+    progress = Progress(TextColumn("writing {task.description}"), BarColumn(), DownloadColumn(),
+                        TimeRemainingColumn(), console=err_console, transient=True)
+    task = progress.add_task(Path(output).name, total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.start()  # shown once writing starts, so a refusal before it is one clean line
+        progress.update(task, completed=done, total=total)
+
+    try:
+        with _quiet_loading():
+            if lora:
+                result = export_lora(model, base, output, outtype=outtype, force=force, on_progress=on_progress)
+            else:
+                result = export_model(model, output, outtype=outtype, force=force, on_progress=on_progress)
+    finally:
+        progress.stop()
+    _show_notices(result.notices)
+    console.print(f"exported {model} -> {result.path} ({result.architecture}, {result.outtype}, {result.tensors} "
+                  f"tensors, {result.size / 1e6:,.1f} MB)", highlight=False)
+    if result.modelfile.is_file():
+        console.print(f"Ollama: ollama create NAME -f {result.modelfile}", highlight=False)
+
+
 if __name__ == "__main__":
     main()

@@ -153,7 +153,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def training_options(loaded: LoadedModel) -> dict:
     """The options a run trained with (its ``run_config.json``), so eval and chat render as it did."""
-    for folder in (loaded.adapter, loaded.base):
+    return run_options(loaded.adapter, loaded.base)
+
+
+def run_options(*folders: Path | None) -> dict:
+    """The options in the first of ``folders`` that has a ``run_config.json``; {} when none has (a plain model)."""
+    for folder in folders:
         if folder is not None and (folder / "run_config.json").is_file():
             record, finding = read_json_file(folder / "run_config.json")
             options = (record or {}).get("options")

@@ -10,3 +10,7 @@ python3 -m venv .venv
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install --quiet -e '.[train,dev]'
+# GGUF export and llama-cpp-python, which builds llama.cpp from source (about 4 minutes on 2 idle cores, once:
+# pip caches the wheel); the multimodal library is not built, and the build uses every core.
+CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    .venv/bin/python -m pip install --quiet -e '.[export]'
