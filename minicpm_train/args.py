@@ -37,6 +37,11 @@ LEGACY_GROUP_BY_LENGTH = "group_by_length"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
 NO_RESUME = (None, "", "false", "False")  # --resume_from_checkpoint values meaning a fresh start
 LOSS_IMPLS = ("auto", "chunked", "fused", "full")  # --loss_impl: how the loss meets lm_head (minicpm_train.loss)
+STAGES = ("sft", "dpo", "kto")  # --stage: what a run trains (minicpm_train.preference for dpo / kto)
+PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # --pref_loss: the DPO loss
+# OpenBMB's finetune/sft_dpo_trainer flags -> ours (--use_dpo true is --stage dpo).
+OPENBMB_DPO_RENAMES = {"dpo_beta": "beta", "sft_loss_weight": "sft_weight", "reference_model_path": "ref_model"}
+OPENBMB_USE_DPO = "use_dpo"
 QLORA_ZERO3 = "QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the guide's QLoRA setting) or zero2"
 
 
@@ -78,6 +83,18 @@ class RunOptions:
     data_cache_dir: str | None = field(
         default=None, metadata={"help": "Where tokenized data is cached (default: ~/.cache/minicpm-finetune/tokenized)."}
     )
+    stage: str = field(default="sft", metadata={
+        "help": "What to train: sft (conversations), dpo (preference pairs) or kto (answers labelled desirable or not)."})
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO / KTO beta: how far the model may move from the reference (higher: less)."})
+    pref_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or hinge."})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "DPO: add this weight times the chosen answers' SFT loss (OpenBMB's --sft_loss_weight)."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "DPO / KTO reference model folder; default: the base model (LoRA: adapter disabled; full: "
+                "log-probabilities computed once before training and cached)."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the desirable answers' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the undesirable answers' losses."})
 
 
 @dataclass
@@ -261,7 +278,7 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
     config_path, argv = _extract_config(argv)
     if config_path is not None:
         argv = _config_to_argv(config_path) + argv
-    argv = _rename_legacy([_canonical_flag(token) for token in argv], notices)
+    argv = _openbmb_dpo_flags(_rename_legacy([_canonical_flag(token) for token in argv], notices), notices)
     launch_ns, rest = _launch_parser().parse_known_args(argv)
 
     parser = _hf_parser()
@@ -280,6 +297,7 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
 
     launch = LaunchOptions(**vars(launch_ns))
     _check_required(options, training, require_data)
+    _check_preference(options)
     if launch.hostfile and not Path(launch.hostfile).is_file():
         raise ArgumentError(f"--hostfile {launch.hostfile} does not exist: it lists the nodes, one "
                             "'HOST slots=N' line each")
@@ -290,6 +308,53 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
         if options.qlora and _zero_stage(training["deepspeed"]) == 3:
             raise ArgumentError(QLORA_ZERO3)
     return ResolvedRun(options, launch, training, dict(env or {}), notices)
+
+
+def _openbmb_dpo_flags(argv: list[str], notices: list[str]) -> list[str]:
+    """OpenBMB's ``sft_dpo_trainer`` flags as ours, with a notice each: ``--use_dpo true`` -> ``--stage dpo``,
+    ``--dpo_beta`` -> ``--beta``, ``--sft_loss_weight`` -> ``--sft_weight``, ``--reference_model_path`` -> ``--ref_model``."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name in OPENBMB_DPO_RENAMES:
+            new = OPENBMB_DPO_RENAMES[name]
+            notices.append(f"--{name} is OpenBMB sft_dpo_trainer's name for --{new}; using --{new}")
+            out.append(f"--{new}{eq}{value}")
+        elif name == OPENBMB_USE_DPO:
+            if not eq and index + 1 < len(argv) and argv[index + 1].lower() in ("true", "false"):
+                index += 1
+                value = argv[index]
+            if value.lower() != "false":
+                notices.append("--use_dpo (OpenBMB's sft_dpo_trainer) is --stage dpo; using it. As there, the loss is "
+                               "the DPO loss plus --sft_weight times the chosen answers' SFT loss; unlike there, a "
+                               "sequence's log-probability sums its answer tokens (the DPO paper's and TRL's form; "
+                               "OpenBMB's averages every token, prompt included), and the reference is the base "
+                               "model without a second copy (LoRA: adapter disabled)")
+                out += ["--stage", "dpo"]
+        else:
+            out.append(token)
+        index += 1
+    return out
+
+
+def _check_preference(options: RunOptions) -> None:
+    """The preference flags make sense together (one line each when they do not)."""
+    if options.stage not in STAGES:
+        raise ArgumentError(f"--stage must be one of {', '.join(STAGES)}, not {options.stage!r}")
+    if options.pref_loss not in PREF_LOSSES:
+        raise ArgumentError(f"--pref_loss must be one of {', '.join(PREF_LOSSES)}, not {options.pref_loss!r}")
+    if not options.beta > 0:
+        raise ArgumentError(f"--beta must be above 0, not {options.beta}")
+    if options.sft_weight < 0 or options.desirable_weight < 0 or options.undesirable_weight < 0:
+        raise ArgumentError("--sft_weight, --desirable_weight and --undesirable_weight must be 0 or more")
+    if options.sft_weight and options.stage != "dpo":
+        raise ArgumentError(f"--sft_weight is a DPO option; this run is --stage {options.stage}")
+    if options.ref_model and options.stage == "sft":
+        raise ArgumentError("--ref_model is for --stage dpo or kto; an SFT run has no reference model")
+    if options.ref_model and not (Path(options.ref_model) / "config.json").is_file():
+        raise ArgumentError(f"--ref_model {options.ref_model}: not a model folder (no config.json)")
 
 
 def _check_required(options: RunOptions, training: dict[str, Any], require_data: bool) -> None:
@@ -366,4 +431,4 @@ def known_flag_names() -> set[str]:
     """Every flag name ``run`` accepts, in :func:`flag_name` spelling without dashes (``--config`` aside)."""
     options = {flag_name(option[2:]) for parser in (_hf_parser(), _launch_parser()) for action in parser._actions
                for option in action.option_strings if option.startswith("--")}
-    return (options - {"help"}) | set(LEGACY_RENAMES) | {LEGACY_GROUP_BY_LENGTH}
+    return (options - {"help"}) | set(LEGACY_RENAMES) | {LEGACY_GROUP_BY_LENGTH} | set(OPENBMB_DPO_RENAMES) | {OPENBMB_USE_DPO}

@@ -29,6 +29,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "LoRA and QLoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target"),
     "Data, template, packing and cache": ("template", "train_on", "truncation", "packing", "data_cache_dir"),
     "Precision, loss and remote code": ("precision", "loss_impl", "trust_remote_code"),
+    "Preference training (DPO, KTO)": ("stage", "beta", "pref_loss", "sft_weight", "ref_model", "desirable_weight",
+                                       "undesirable_weight"),
     DEVICE_GROUP: ("include", "exclude", "num_gpus", "num_nodes", "hostfile", "master_port", "master_addr"),
 }
 
@@ -74,6 +76,7 @@ DEFAULT_TEXT: dict[str, str] = {
     "template": "detected",
     "precision": "from --bf16/--fp16",
     "data_cache_dir": "~/.cache/minicpm-finetune/tokenized",
+    "ref_model": "the base model",
     "include": "every GPU",
     "num_gpus": "every GPU",
     "num_nodes": "1; with --hostfile, all its nodes",
