@@ -243,12 +243,12 @@ def kto_loss(policy: SequenceLogProbs, reference: torch.Tensor, desirable: torch
     losses = torch.where(desirable, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratios - kl))),
                          settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratios))))
     rewards = beta * ratios.detach()
-    metrics = {"kl": kl}
+    metrics = {"kl": kl.item()}
     for name, chosen in (("chosen", desirable), ("rejected", ~desirable)):
         if chosen.any():
-            metrics[f"rewards/{name}"] = rewards[chosen].mean()
-            metrics[f"logps/{name}"] = policy.logps.detach()[chosen].mean()
-    if desirable.any() and (~desirable).any():
+            metrics[f"rewards/{name}"] = rewards[chosen].mean().item()
+            metrics[f"logps/{name}"] = policy.logps.detach()[chosen].mean().item()
+    if desirable.any() and (~desirable).any():  # the difference of the means, in double precision
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses.mean(), metrics
 
