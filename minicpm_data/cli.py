@@ -69,6 +69,10 @@ def _print_convert_summary(summary) -> None:
         console.print(f"{name}: {part['records']} records -> {escape(part['path'])}")
     if not summary.splits:
         console.print(f"output: {escape(summary.output or 'none (no records written)')}")
+    if summary.kind not in (None, "messages"):
+        from minicpm_data.validate import KIND_NAMES
+
+        console.print(f"holds: {KIND_NAMES[summary.kind]}")
     console.print(f"rejects: {escape(summary.rejects_path)}")
 
 
@@ -85,7 +89,9 @@ def convert_command(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="Raw files: .json, .jsonl, .csv, .tsv, .parquet."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .json (a list) or .jsonl; a folder with --dev-ratio."),
     source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv (mapped columns or keys), messages, "
-                                                       "prompt-completion or auto."),
+                                                       "prompt-completion; preference data: sharegpt-pairs, alpaca-pairs, "
+                                                       "llamafactory-v1-dpo, trl-preference, hh, ultrafeedback, orca-pairs, "
+                                                       "openbmb-dpo, llamafactory-kto, trl-kto; or auto."),
     fmt: str = typer.Option(None, "--format", help="json or jsonl (default: from the output's extension)."),
     rejects: Path = typer.Option(None, "--rejects", help="Rejects file (JSONL; default: OUT.rejects.jsonl beside the output)."),
     encoding: str = typer.Option(None, "--encoding", help="Input encoding (default: detected: UTF-8, BOM, GBK/GB18030)."),
@@ -104,7 +110,8 @@ def convert_command(
     seed: int = typer.Option(42, "--seed", help="Seed for --dev-ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Convert raw chat data into MiniCPM's messages format; every record is written or rejected.
+    """Convert raw chat data into MiniCPM's messages format (preference data: into pairs or KTO rows); every record
+    is written or rejected.
 
     Exits 1 when no record is written (no output file then; the rejects file says why)."""
     from rich.markup import escape
@@ -144,15 +151,17 @@ def validate_command(
     files: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json (list) or .jsonl files."),
     as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
 ) -> None:
-    """Check files against schemas/messages.schema.json and the turn-order rules; exit 1 on any problem."""
+    """Check files against their schema in schemas/ (SFT messages, preference pairs or KTO rows, told apart by
+    keys) and the turn-order rules; exit 1 on any problem."""
     from rich.markup import escape
     from rich.table import Table
 
-    from minicpm_data.validate import validate_file
+    from minicpm_data.validate import KIND_NAMES, file_kind, validate_file
 
     problems = [problem for path in files for problem in validate_file(path)]
     if as_json:
-        _print_json({"files": [str(p) for p in files], "problems": [p.to_dict() for p in problems]})
+        kinds = {str(p): file_kind(p) for p in files if not any(q.file == str(p) and q.index is None for q in problems)}
+        _print_json({"files": [str(p) for p in files], "kinds": kinds, "problems": [p.to_dict() for p in problems]})
     elif problems:
         title = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         table = Table(title=title, title_justify="left", header_style="bold")
@@ -166,7 +175,7 @@ def validate_command(
         if len(problems) > _MAX_PROBLEM_ROWS:
             console.print(f"... and {len(problems) - _MAX_PROBLEM_ROWS} more; --json lists them all")
     else:
-        console.print(f"[green]valid:[/] {', '.join(escape(str(p)) for p in files)}")
+        console.print(f"[green]valid:[/] {', '.join(f'{escape(str(p))} ({KIND_NAMES[file_kind(p)]})' for p in files)}")
     raise typer.Exit(1 if problems else 0)
 
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import orjson
 
-from minicpm_data.errors import InputError
+from minicpm_data.errors import FormatError, InputError
 from minicpm_data.io import (TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format, parse_line,
                               record_writer, require_file, serialize, table_columns)
-from minicpm_data.repair import REASONING_POLICIES, TOOL_POLICIES, finished_record
-from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
+from minicpm_data.repair import FINISHERS, REASONING_POLICIES, TOOL_POLICIES
+from minicpm_data.sources import (DETECT_SAMPLE, FORMATS, RecordRejected, Source, check_preference_keys, detect_format,
+                                  make_source)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ConvertSummary:
     repairs: Counter = field(default_factory=Counter)
     rejects: Counter = field(default_factory=Counter)
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind: str | None = None  # what the output holds: "messages", "pairs" or "kto" (minicpm_data.validate.KINDS)
 
     @property
     def read(self) -> int:
@@ -92,7 +94,7 @@ class ConvertSummary:
                 "read": self.read, "written": self.written, "rejected": self.rejected,
                 "files": [vars(f) for f in self.files],
                 "repairs": dict(self.repairs.most_common()), "rejects": dict(self.rejects.most_common()),
-                **({"splits": self.splits} if self.splits else {})}
+                **({"splits": self.splits} if self.splits else {}), "kind": self.kind}
 
 
 def default_rejects_path(output: Path) -> Path:
@@ -170,8 +172,10 @@ class RecordProcessor:
 
     def __init__(self, source: Source, options: ConvertOptions, path: Path):
         self.path = path
+        self._source = source
         self._convert = source.convert
-        self._finish = functools.partial(finished_record, repair=options.repair, tool_turns=options.tool_turns,
+        self._sft = source.kind == "messages"
+        self._finish = functools.partial(FINISHERS[source.kind], repair=options.repair, tool_turns=options.tool_turns,
                                          reasoning=options.reasoning, verbatim=source.verbatim,
                                          default_system=options.system)
 
@@ -179,6 +183,8 @@ class RecordProcessor:
         try:
             if not isinstance(record, dict):
                 raise RecordRejected("not an object", f"record is {type(record).__name__}")
+            if self._sft:
+                check_preference_keys(self._source, record)
             finished, applied = self._finish(self._convert(record))
         except RecordRejected as rejection:
             return None, [], rejection.reason, rejection.detail
@@ -239,6 +245,7 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
     if name == "auto":  # no records to detect from
         return
     source = make_source(name, **options.table_options())
+    _check_kind(sink.summary, source, path)
     if path.suffix.lower() in TABLE_SUFFIXES and (columns := table_columns(path, encoding=options.encoding)):
         source.check_columns(columns, str(path))  # also for a header without rows
     elif head:  # JSON records: the keys the sampled records have, like a table's header
@@ -259,6 +266,17 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
         batches = ((batch, process.process_lines(batch)) for batch in _batches(lines, _LOCAL_BATCH_BYTES))
     for batch, outcomes in batches:
         sink.add(file_summary, batch, outcomes, orjson.loads)
+
+
+def _check_kind(summary: ConvertSummary, source: Source, path: Path) -> None:
+    """One output holds one kind of record: SFT conversations, preference pairs or KTO rows."""
+    if summary.kind is None:
+        summary.kind = source.kind
+    elif source.kind != summary.kind:
+        from minicpm_data.validate import KIND_NAMES
+
+        raise FormatError(f"{path}: its {source.name} records become {KIND_NAMES[source.kind]}, the inputs before it "
+                          f"{KIND_NAMES[summary.kind]}: one output holds one kind; convert them separately")
 
 
 def _same(record: Any) -> Any:
