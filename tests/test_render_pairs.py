@@ -106,3 +106,23 @@ def test_pairs_stream_in_order_across_batches_and_report_progress(fixture_tokeni
     results = list(render_pairs(pairs, tokenizer, on_progress=done.append))
     assert [tokenizer.decode(r.chosen.input_ids).count(f"yes {i}") for i, r in enumerate(results)] == [1] * 7
     assert sum(done) == 7 and all(r.problem is None for r in results)
+
+
+@pytest.mark.parametrize("name", ["minicpm4", "minicpm3", "minicpm2b"])
+def test_real_preference_data_renders_as_the_real_chat_templates(real, fixtures_dir, tmp_path, name):
+    """LLaMA-Factory's demo pairs (fixtures/realdata), converted, on each real tokenizer: every side's ids are the
+    chat template's, and both sides share their prompt ids."""
+    from minicpm_data.convert import convert_files
+    from minicpm_data.io import read_examples
+
+    tokenizer = real[name]
+    eos = [tokenizer.eos_token_id] if name == "minicpm2b" else []
+    files = [fixtures_dir / "realdata" / file for file in ("dpo_en_demo.head.jsonl", "dpo_zh_demo.sample.jsonl")]
+    pairs = [item for _, item in read_examples(convert_files(files, tmp_path / "pairs.jsonl").output, "pairs")]
+    assert len(pairs) == 12
+    for pair, rendered in zip(pairs, render_pairs(pairs, tokenizer)):
+        assert rendered.problem is None
+        for answer, sample in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+            assert sample.input_ids == _template_ids(tokenizer, [*pair.messages, answer]) + eos
+            assert set(sample.labels[:rendered.prompt_tokens]) == {IGNORE_INDEX}
+            assert sample.input_ids[:rendered.prompt_tokens] == rendered.chosen.input_ids[:rendered.prompt_tokens]
