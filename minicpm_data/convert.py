@@ -24,6 +24,7 @@ from minicpm_data.io import (TABLE_SUFFIXES, check_target, iter_raw_records, jso
 from minicpm_data.repair import FINISHERS, REASONING_POLICIES, TOOL_POLICIES
 from minicpm_data.sources import (DETECT_SAMPLE, FORMATS, RecordRejected, Source, check_preference_keys, detect_format,
                                   make_source)
+from minicpm_data.sources.base import PREFERENCE_KEYS
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class RecordProcessor:
         try:
             if not isinstance(record, dict):
                 raise RecordRejected("not an object", f"record is {type(record).__name__}")
-            if self._sft:
+            if self._sft and not record.keys().isdisjoint(PREFERENCE_KEYS):
                 check_preference_keys(self._source, record)
             finished, applied = self._finish(self._convert(record))
         except RecordRejected as rejection:

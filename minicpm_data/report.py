@@ -32,11 +32,12 @@ def _spread(values: Any) -> str:
     return f"{_num(values.mean)}, {_num(values.p50)}, {values.max:,}"
 
 
-def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: str) -> Table:
-    """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
+def _file_columns(all_stats: Sequence[Any], tokenizer_name: str, template: str, what: str) -> tuple[Table, Any]:
+    """A stats table with one column per file, titled with the rendering options, and ``row(label, cell)``
+    that adds a row of ``cell(stats)`` per file."""
     first = all_stats[0]
     table = Table(title=Text(f"tokenizer {tokenizer_name} · layout {template} · model_max_length "
-                             f"{first.model_max_length} · truncation {first.truncation} · train on {first.train_on}"),
+                             f"{first.model_max_length} · truncation {first.truncation} · {what}"),
                   title_justify="left", header_style="bold")
     table.add_column("")
     for stats in all_stats:
@@ -45,6 +46,13 @@ def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: s
     def row(label: str, cell) -> None:
         table.add_row(label, *(cell(stats) for stats in all_stats))
 
+    return table, row
+
+
+def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: str) -> Table:
+    """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
+    first = all_stats[0]
+    table, row = _file_columns(all_stats, tokenizer_name, template, f"train on {first.train_on}")
     roles = sorted({role for stats in all_stats for role in stats.roles})
     row("records", lambda s: f"{s.records:,}")
     row("turns per record (mean, min-max)", lambda s: f"{s.turns.mean:.2f}, {s.turns.min}-{s.turns.max}")
@@ -84,16 +92,7 @@ def pair_stats_table(all_stats: Sequence[PairStats], tokenizer_name: str, templa
     """One column per file of preference pairs: context and answer tokens, what truncation does to the pairs
     (drops them, or cuts them until no differing token is left), tokens per epoch."""
     first = all_stats[0]
-    table = Table(title=Text(f"tokenizer {tokenizer_name} · layout {template} · model_max_length "
-                             f"{first.model_max_length} · truncation {first.truncation} · preference pairs"),
-                  title_justify="left", header_style="bold")
-    table.add_column("")
-    for stats in all_stats:
-        table.add_column(Text(Path(stats.file).name), justify="right")
-
-    def row(label: str, cell) -> None:
-        table.add_row(label, *(cell(stats) for stats in all_stats))
-
+    table, row = _file_columns(all_stats, tokenizer_name, template, "preference pairs")
     row("pairs", lambda s: f"{s.records:,}")
     table.add_section()
     for name, what in (("context", "context tokens"), ("chosen", "chosen answer tokens"),

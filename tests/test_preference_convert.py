@@ -175,3 +175,25 @@ def test_hostile_files_end_in_one_error_line(capsys, tmp_path, record, message):
     code, out, err = run_cli(capsys, "convert", str(path), "-o", str(tmp_path / "out.json"))
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: no records written: all 1 rejected (" + message)
+
+
+HOSTILE_TARGETS = [  # pairs/KTO files written by hand: a mismatched context, nested garbage, wrong types, mixed kinds
+    [_pair([("user", "q")], "a", "b"), {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+                                        "chosen": {"role": "assistant", "content": "a"}, "rejected": {"role": "assistant", "content": "b"}}],
+    [_pair([("user", "q")], "a", "b"), {"messages": [{"role": "user", "content": {"nested": ["garbage"]}}],
+                                        "chosen": [[["a"]]], "rejected": {"role": "assistant", "content": 7}}],
+    [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": "true"}],
+    [_pair([("user", "q")], "a", "b"), {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+]
+
+
+@pytest.mark.parametrize("records", HOSTILE_TARGETS)
+def test_hostile_target_files_are_problems_or_one_error_line(capsys, tmp_path, fixtures_dir, records):
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(records))
+    code, out, err = run_cli(capsys, "validate", path)
+    assert code == 1 and "problem" in out and not err
+    for command in ("stats", "inspect"):
+        code, out, err = run_cli(capsys, command, path, "-t", fixtures_dir / "tokenizers" / "chatml")
+        assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert err.startswith("error: ") and "see all with: minicpm-data validate" in err
