@@ -101,8 +101,9 @@ def file_kind(path: str | Path) -> str:
 
 def wrong_kind(found: str, expected: str) -> str:
     """Why a file of kind ``found`` cannot be used where ``expected`` is: it says which stage trains it."""
-    return (f"holds {KIND_NAMES[found]}, not {KIND_NAMES[expected]}: train it with --stage {KIND_STAGES[found]}"
-            + (" (or convert raw preference data with minicpm-data convert)" if found == "messages" else ""))
+    hint = {"messages": " (or convert raw preference data with minicpm-data convert)",
+            "kto": " (a label that is no KTO label, true or false, must go)"}.get(found, "")
+    return f"holds {KIND_NAMES[found]}, not {KIND_NAMES[expected]}: train it with --stage {KIND_STAGES[found]}{hint}"
 
 
 def turn_problems(roles: Sequence[str]) -> list[tuple[int | None, str]]:
