@@ -198,19 +198,18 @@ def test_a_file_of_another_kind_is_one_error_line(stage, kind, says, tiny_llama,
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_full_dpo_trains_as_without(tiny_llama, task_files, tmp_path, data_cache):
-    """ZeRO-3 partitions every weight, lm_head included (its gradient comes from the second chunked pass):
-    the same losses and gradient norms as one process without DeepSpeed. A fresh process, as ZeRO-3 needs."""
-    cli = str(Path(sys.executable).with_name("minicpm-train"))
-    logs = {}
-    for name, extra in (("plain", ()), ("zero3", ("--deepspeed", "zero3", "--master_port", "30011"))):
-        argv = _argv(tiny_llama, task_files, "pairs", tmp_path / name, data_cache, "--eval_strategy", "no",
-                     "--train_sampling_strategy", "sequential", *extra, steps=2)
-        done = subprocess.run([cli, "run", *argv], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        history = json.loads((tmp_path / name / "metrics.json").read_text())["log_history"]
-        logs[name] = [(entry["loss"], entry["grad_norm"]) for entry in history if "loss" in entry]
-    assert len(logs["zero3"]) == 2
-    for (loss, norm), (expected_loss, expected_norm) in zip(logs["zero3"], logs["plain"]):
-        assert loss == pytest.approx(expected_loss, rel=1e-4)
-        assert norm == pytest.approx(expected_norm, rel=1e-3)
+def test_deepspeed_zero3_full_dpo_takes_the_same_first_step(tiny_llama, task_files, tmp_path, data_cache):
+    """ZeRO-3 partitions every weight, lm_head included (its gradient comes from the second chunked pass,
+    through a call of lm_head): the first step's loss and gradient norm equal one process without DeepSpeed.
+    (Only the first: DeepSpeed's own scheduler starts at a learning rate of 0.) A fresh process, as ZeRO-3 needs."""
+    common = ("--eval_strategy", "no", "--train_sampling_strategy", "sequential")
+    plain = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "plain", data_cache, *common, steps=1))
+    argv = _argv(tiny_llama, task_files, "pairs", tmp_path / "zero3", data_cache, *common, "--deepspeed", "zero3",
+                 "--master_port", "30011", steps=1)
+    done = subprocess.run([str(Path(sys.executable).with_name("minicpm-train")), "run", *argv], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero3 = json.loads((tmp_path / "zero3" / "metrics.json").read_text())["log_history"][0]
+    assert zero3["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is still the reference
+    assert zero3["loss"] == pytest.approx(plain.log_history[0]["loss"], rel=1e-6)
+    assert zero3["grad_norm"] == pytest.approx(plain.log_history[0]["grad_norm"], rel=1e-4)
