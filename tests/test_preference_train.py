@@ -66,7 +66,8 @@ def _logged(result, key: str) -> list[float]:
     return [entry[key] for entry in result.log_history if key in entry]
 
 
-def test_dpo_lora_run_logs_rewards_plots_them_and_counts_dropped_pairs(tiny_llama, task_files, tmp_path, data_cache):
+def test_dpo_lora_run_logs_rewards_plots_them_and_counts_dropped_pairs(tiny_llama, task_files, tmp_path, data_cache,
+                                                                       monkeypatch, capsys):
     lines: list[str] = []
     result = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "run", data_cache, "--use_lora"),
                             report=lines.append)
@@ -80,6 +81,26 @@ def test_dpo_lora_run_logs_rewards_plots_them_and_counts_dropped_pairs(tiny_llam
     assert (result.output_dir / "loss_curve.png").stat().st_size > 10_000  # two panels: loss, rewards
     summary = json.loads((result.output_dir / "data_summary.json").read_text())["train"]
     assert summary["kind"] == "pairs" and summary["dropped"] == {"answer truncated away": 1} and summary["used"] == 48
+
+    # eval, merge and chat on the result, as for SFT: the adapter's preference metrics against the base, and the
+    # merged model's against --ref-model base, are the same; the run's last eval saw the same pairs.
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(result.output_dir), "--data",
+                             str(task_files["pairs_dev"]), "--json")
+    assert code == 0, err
+    adapter = json.loads(out)
+    assert adapter["reference"] == "the model with its LoRA adapter disabled" and adapter["scored"] == 16
+    assert adapter["accuracy"] == pytest.approx(_logged(result, "eval_rewards/accuracies")[-1], abs=1e-6)
+    assert adapter["margin"] == pytest.approx(_logged(result, "eval_rewards/margins")[-1], rel=1e-3, abs=1e-7)
+    merged = tmp_path / "merged"
+    assert run_cli(monkeypatch, capsys, "merge", "--base", str(tiny_llama), "--adapter", str(result.output_dir),
+                   "-o", str(merged))[0] == 0
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(merged), "--data", str(task_files["pairs_dev"]),
+                             "--ref-model", str(tiny_llama), "--json")
+    assert code == 0, err
+    assert json.loads(out)["margin"] == pytest.approx(adapter["margin"], rel=1e-3, abs=1e-6)
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(merged), "--prompt", "premise: a\nhypothesis: b",
+                             "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0 and out.strip(), err
 
 
 def test_qlora_dpo_keeps_learning_after_reference_forwards(tiny_llama, task_files, tmp_path, data_cache):
@@ -213,3 +234,24 @@ def test_deepspeed_zero3_full_dpo_takes_the_same_first_step(tiny_llama, task_fil
     assert zero3["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is still the reference
     assert zero3["loss"] == pytest.approx(plain.log_history[0]["loss"], rel=1e-6)
     assert zero3["grad_norm"] == pytest.approx(plain.log_history[0]["grad_norm"], rel=1e-4)
+
+
+def test_plan_sizes_a_dpo_micro_batch_as_two_sequences_per_pair(tiny_llama):
+    """A DPO micro batch of 4 pairs holds 8 sequences: the activations of an SFT micro batch of 8; the plan says
+    where the reference comes from (LoRA: adapter disabled; full: computed once before training)."""
+    from minicpm_train.plan import plan_from_argv
+
+    def plan(*flags: str):
+        return plan_from_argv(["--model_name_or_path", str(tiny_llama), "--bf16", "true", *flags], gpu_memory_gib=24,
+                              devices=[])
+
+    dpo = plan("--stage", "dpo", "--per_device_train_batch_size", "4", "--use_lora")
+    sft = plan("--per_device_train_batch_size", "8", "--use_lora")
+    assert dpo.estimate.activations == sft.estimate.activations > plan("--per_device_train_batch_size", "4",
+                                                                       "--use_lora").estimate.activations
+    assert any("two sequences (chosen and rejected)" in note and "adapter disabled" in note
+               for note in dpo.estimate.notes)
+    full = plan("--stage", "dpo", "--per_device_train_batch_size", "4")
+    assert any("computed once before training" in note for note in full.estimate.notes)
+    assert "--stage" in " ".join(suggestion for s in full.suggestions for suggestion in s.settings.flags()) or \
+        not full.suggestions
