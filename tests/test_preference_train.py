@@ -84,6 +84,7 @@ def test_dpo_lora_run_logs_rewards_plots_them_and_counts_dropped_pairs(tiny_llam
 
     # eval, merge and chat on the result, as for SFT: the adapter's preference metrics against the base, and the
     # merged model's against --ref-model base, are the same; the run's last eval saw the same pairs.
+    capsys.readouterr()  # the run's own printed logs
     code, out, err = run_cli(monkeypatch, capsys, "eval", str(result.output_dir), "--data",
                              str(task_files["pairs_dev"]), "--json")
     assert code == 0, err
