@@ -42,6 +42,17 @@ PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # --pref_loss: the DPO loss
 # OpenBMB's finetune/sft_dpo_trainer flags -> ours (--use_dpo true is --stage dpo).
 OPENBMB_DPO_RENAMES = {"dpo_beta": "beta", "sft_loss_weight": "sft_weight", "reference_model_path": "ref_model"}
 OPENBMB_USE_DPO = "use_dpo"
+# Switches (an optional true / false after them) -> the flags they mean when on, and the notice then.
+LEGACY_SWITCHES = {
+    LEGACY_GROUP_BY_LENGTH: (["--train_sampling_strategy", "group_by_length"],
+                             "--group_by_length is now --train_sampling_strategy group_by_length; using that"),
+    OPENBMB_USE_DPO: (["--stage", "dpo"],
+                      "--use_dpo (OpenBMB's sft_dpo_trainer) is --stage dpo; using it. As there, the loss is the DPO "
+                      "loss plus --sft_weight times the chosen answers' SFT loss; unlike there, a sequence's "
+                      "log-probability sums its answer tokens (the DPO paper's and TRL's form; OpenBMB's averages "
+                      "every token, prompt included), and the reference is the base model without a second copy "
+                      "(LoRA: adapter disabled)"),
+}
 QLORA_ZERO3 = "QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the guide's QLoRA setting) or zero2"
 
 
@@ -172,23 +183,27 @@ def _canonical_flag(token: str) -> str:
 
 
 def _rename_legacy(argv: list[str], notices: list[str]) -> list[str]:
-    """Map renamed HF flags to today's names, with a one-line notice each."""
+    """Map renamed HF flags and OpenBMB's sft_dpo_trainer flags to today's names, and switches (``--group_by_length``,
+    ``--use_dpo``, with an optional true / false) to the flags they mean, with a one-line notice each."""
     renamed: list[str] = []
     index = 0
     while index < len(argv):
         token = argv[index]
         name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        if name in LEGACY_RENAMES:
-            new = LEGACY_RENAMES[name]
-            notices.append(f"--{name} is the old name of --{new} (renamed in transformers); using --{new}")
+        if name in LEGACY_RENAMES or name in OPENBMB_DPO_RENAMES:
+            new = LEGACY_RENAMES.get(name) or OPENBMB_DPO_RENAMES[name]
+            whose = ("the old name of --{0} (renamed in transformers)" if name in LEGACY_RENAMES
+                     else "OpenBMB sft_dpo_trainer's name for --{0}").format(new)
+            notices.append(f"--{name} is {whose}; using --{new}")
             renamed.append(f"--{new}{eq}{value}")
-        elif name == LEGACY_GROUP_BY_LENGTH:
-            notices.append("--group_by_length is now --train_sampling_strategy group_by_length; using that")
+        elif name in LEGACY_SWITCHES:
             if not eq and index + 1 < len(argv) and argv[index + 1].lower() in ("true", "false"):
                 index += 1
                 value = argv[index]
             if value.lower() != "false":
-                renamed += ["--train_sampling_strategy", "group_by_length"]
+                meaning, notice = LEGACY_SWITCHES[name]
+                notices.append(notice)
+                renamed += meaning
         else:
             renamed.append(token)
         index += 1
@@ -278,7 +293,7 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
     config_path, argv = _extract_config(argv)
     if config_path is not None:
         argv = _config_to_argv(config_path) + argv
-    argv = _openbmb_dpo_flags(_rename_legacy([_canonical_flag(token) for token in argv], notices), notices)
+    argv = _rename_legacy([_canonical_flag(token) for token in argv], notices)
     launch_ns, rest = _launch_parser().parse_known_args(argv)
 
     parser = _hf_parser()
@@ -308,35 +323,6 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
         if options.qlora and _zero_stage(training["deepspeed"]) == 3:
             raise ArgumentError(QLORA_ZERO3)
     return ResolvedRun(options, launch, training, dict(env or {}), notices)
-
-
-def _openbmb_dpo_flags(argv: list[str], notices: list[str]) -> list[str]:
-    """OpenBMB's ``sft_dpo_trainer`` flags as ours, with a notice each: ``--use_dpo true`` -> ``--stage dpo``,
-    ``--dpo_beta`` -> ``--beta``, ``--sft_loss_weight`` -> ``--sft_weight``, ``--reference_model_path`` -> ``--ref_model``."""
-    out: list[str] = []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        if name in OPENBMB_DPO_RENAMES:
-            new = OPENBMB_DPO_RENAMES[name]
-            notices.append(f"--{name} is OpenBMB sft_dpo_trainer's name for --{new}; using --{new}")
-            out.append(f"--{new}{eq}{value}")
-        elif name == OPENBMB_USE_DPO:
-            if not eq and index + 1 < len(argv) and argv[index + 1].lower() in ("true", "false"):
-                index += 1
-                value = argv[index]
-            if value.lower() != "false":
-                notices.append("--use_dpo (OpenBMB's sft_dpo_trainer) is --stage dpo; using it. As there, the loss is "
-                               "the DPO loss plus --sft_weight times the chosen answers' SFT loss; unlike there, a "
-                               "sequence's log-probability sums its answer tokens (the DPO paper's and TRL's form; "
-                               "OpenBMB's averages every token, prompt included), and the reference is the base "
-                               "model without a second copy (LoRA: adapter disabled)")
-                out += ["--stage", "dpo"]
-        else:
-            out.append(token)
-        index += 1
-    return out
 
 
 def _check_preference(options: RunOptions) -> None:
@@ -431,4 +417,4 @@ def known_flag_names() -> set[str]:
     """Every flag name ``run`` accepts, in :func:`flag_name` spelling without dashes (``--config`` aside)."""
     options = {flag_name(option[2:]) for parser in (_hf_parser(), _launch_parser()) for action in parser._actions
                for option in action.option_strings if option.startswith("--")}
-    return (options - {"help"}) | set(LEGACY_RENAMES) | {LEGACY_GROUP_BY_LENGTH} | set(OPENBMB_DPO_RENAMES) | {OPENBMB_USE_DPO}
+    return (options - {"help"}) | set(LEGACY_RENAMES) | set(OPENBMB_DPO_RENAMES) | set(LEGACY_SWITCHES)
