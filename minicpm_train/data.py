@@ -179,6 +179,80 @@ class MixedDataset:
         return np.concatenate([part.lengths for part in self.parts])[self.picks]
 
 
+class PairDataset:
+    """Preference pairs: the cache holds each pair's chosen side, then its rejected side. A row is
+    ``chosen_input_ids`` / ``chosen_labels`` / ``rejected_input_ids`` / ``rejected_labels`` (+ ``ref_logps``:
+    the reference's log-probabilities of both sides, once computed)."""
+
+    def __init__(self, samples: SupervisedDataset, folder: Path | None = None):
+        self.samples, self.folder = samples, folder
+        self.reference: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples) // 2
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = _row(index, len(self))
+        chosen, rejected = self.samples[2 * index], self.samples[2 * index + 1]
+        row = {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
+               "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+        if self.reference is not None:
+            row["ref_logps"] = self.reference[index]
+        return row
+
+    @property
+    def lengths(self) -> "np.ndarray":
+        return self.samples.lengths.reshape(-1, 2).sum(axis=1)
+
+
+class LabeledDataset:
+    """KTO rows: ``input_ids`` / ``labels``, ``desirable``, and the mismatched sequence its KL term uses
+    (``kl_input_ids`` / ``kl_labels``: this row's prompt with the previous row's answer, cut to ``max_length``)."""
+
+    def __init__(self, samples: SupervisedDataset, desirable: "np.ndarray", max_length: int, folder: Path | None = None):
+        self.samples, self.desirable, self.max_length, self.folder = samples, desirable, max_length, folder
+        self.reference: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        index = _row(index, len(self))
+        row, other = self.samples[index], self.samples[index - 1]
+        prompt = _prompt_length(row["labels"])
+        answer = _prompt_length(other["labels"])
+        item = {"input_ids": row["input_ids"], "labels": row["labels"], "desirable": bool(self.desirable[index]),
+                "kl_input_ids": np.concatenate([row["input_ids"][:prompt], other["input_ids"][answer:]])[:self.max_length],
+                "kl_labels": np.concatenate([row["labels"][:prompt], other["labels"][answer:]])[:self.max_length]}
+        if self.reference is not None:
+            item["ref_logps"] = self.reference[index]
+        return item
+
+    @property
+    def lengths(self) -> "np.ndarray":
+        return self.samples.lengths
+
+
+def _prompt_length(labels: "np.ndarray") -> int:
+    """Tokens before the first trained one."""
+    import numpy as np
+
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    return int(trained[0]) if len(trained) else len(labels)
+
+
+def preference_dataset(samples: SupervisedDataset, summary, folder: Path):
+    """The dataset of a cache folder of pairs or KTO rows (``summary.kind``)."""
+    import numpy as np
+
+    if summary.kind == "pairs":
+        return PairDataset(samples, folder)
+    desirable = np.memmap(folder / "desirable.bin", dtype=bool, mode="r").view(np.ndarray)
+    return LabeledDataset(samples, desirable, summary.max_length, folder)
+
+
 # --- files, weights -----------------------------------------------------------------------------------
 
 
@@ -595,8 +669,6 @@ def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
     np.cumsum(lengths, out=offsets[1:])
     dataset = SupervisedDataset(mapped("input_ids.bin", meta["dtype"]), mapped("trained.bin", "bool"), offsets)
     if summary.kind != "messages":
-        from minicpm_train.preference import preference_dataset
-
         dataset = preference_dataset(dataset, summary, target)
     return dataset, summary
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from minicpm_data.errors import MinicpmError
-from minicpm_train.data import IGNORE_INDEX, PackingCollator, PaddingCollator, SupervisedDataset, _row
+from minicpm_train.data import IGNORE_INDEX, PackingCollator, PaddingCollator
 from minicpm_train.loss import SequenceLogProbs, capture_head_input, per_sequence, sequence_log_probs, trained_positions
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -64,74 +64,6 @@ class PreferenceSettings:
 
 
 # --- datasets over the cache ------------------------------------------------------------------------------
-
-
-class PairDataset:
-    """Preference pairs: the cache holds each pair's chosen side, then its rejected side. A row is
-    ``chosen_input_ids`` / ``chosen_labels`` / ``rejected_input_ids`` / ``rejected_labels`` (+ ``ref_logps``:
-    the reference's log-probabilities of both sides, once computed)."""
-
-    def __init__(self, samples: SupervisedDataset, folder: Path | None = None):
-        self.samples, self.folder = samples, folder
-        self.reference: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples) // 2
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = _row(index, len(self))
-        chosen, rejected = self.samples[2 * index], self.samples[2 * index + 1]
-        row = {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-               "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
-        if self.reference is not None:
-            row["ref_logps"] = self.reference[index]
-        return row
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.samples.lengths.reshape(-1, 2).sum(axis=1)
-
-
-class LabeledDataset:
-    """KTO rows: ``input_ids`` / ``labels``, ``desirable``, and the mismatched sequence its KL term uses
-    (``kl_input_ids`` / ``kl_labels``: this row's prompt with the previous row's answer, cut to ``max_length``)."""
-
-    def __init__(self, samples: SupervisedDataset, desirable: np.ndarray, max_length: int, folder: Path | None = None):
-        self.samples, self.desirable, self.max_length, self.folder = samples, desirable, max_length, folder
-        self.reference: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = _row(index, len(self))
-        row, other = self.samples[index], self.samples[index - 1]
-        prompt = _prompt_length(row["labels"])
-        answer = _prompt_length(other["labels"])
-        item = {"input_ids": row["input_ids"], "labels": row["labels"], "desirable": bool(self.desirable[index]),
-                "kl_input_ids": np.concatenate([row["input_ids"][:prompt], other["input_ids"][answer:]])[:self.max_length],
-                "kl_labels": np.concatenate([row["labels"][:prompt], other["labels"][answer:]])[:self.max_length]}
-        if self.reference is not None:
-            item["ref_logps"] = self.reference[index]
-        return item
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.samples.lengths
-
-
-def _prompt_length(labels: np.ndarray) -> int:
-    """Tokens before the first trained one."""
-    trained = np.flatnonzero(labels != IGNORE_INDEX)
-    return int(trained[0]) if len(trained) else len(labels)
-
-
-def preference_dataset(samples: SupervisedDataset, summary, folder: Path):
-    """The dataset of a cache folder of pairs or KTO rows (``summary.kind``)."""
-    if summary.kind == "pairs":
-        return PairDataset(samples, folder)
-    desirable = np.memmap(folder / "desirable.bin", dtype=bool, mode="r").view(np.ndarray)
-    return LabeledDataset(samples, desirable, summary.max_length, folder)
 
 
 def base_datasets(loaded: list[tuple[Any, Any]]) -> list:
@@ -438,10 +370,10 @@ def prepare_reference(run, model, collator: PreferenceCollator, loaded_files: li
 def plot_rewards(log_history: list[dict], axes) -> None:
     """Rewards of the chosen and rejected answers and their margin (left scale), reward accuracy (right)."""
     for prefix, style in (("", "-"), ("eval_", "o--")):
-        for name in ("chosen", "rejected", "margins"):
+        for name, color in (("chosen", "C0"), ("rejected", "C1"), ("margins", "C2")):
             points = [(e["step"], e[f"{prefix}rewards/{name}"]) for e in log_history if f"{prefix}rewards/{name}" in e]
             if points:
-                axes.plot(*zip(*points), style, label=f"{prefix}{name}".replace("_", " "))
+                axes.plot(*zip(*points), style, color=color, label=f"{prefix}{name}".replace("_", " "))
     accuracy = axes.twinx()
     for prefix, style in (("", ":"), ("eval_", "s:")):
         points = [(e["step"], e[f"{prefix}rewards/accuracies"]) for e in log_history
