@@ -37,19 +37,29 @@ MINICPM2B_TOKENIZER = SHARED / "tokenizers" / "minicpm2b"
 TARGETS = {"memory": 1.0, "time": 1.1, "startup": 2.0}
 
 
-def _peft_model():
+LORA = dict(r=64, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+            init_lora_weights=False)  # B != 0: the policy differs from its reference
+
+
+def _base_model():
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    lora = LoraConfig(r=64, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      task_type="CAUSAL_LM", init_lora_weights=False)  # B != 0: the policy differs from its reference
-    return get_peft_model(model, lora)
+    return LlamaForCausalLM(config)
+
+
+def _peft_model():
+    """The base with its LoRA adapter, every weight drawn from fixed seeds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = _base_model()
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(**LORA))
 
 
 def _ids(pairs: int, length: int) -> list[dict]:
@@ -79,9 +89,9 @@ def _peak_bytes() -> int:
 def step_child(impl: str, pairs: int, length: int, repeats: int, out: Path) -> None:
     import torch
 
-    model = _peft_model()
     rows = _ids(pairs, length)
     if impl == "ours":
+        model = _peft_model()
         from minicpm_train.preference import PreferenceCollator, PreferenceSettings, dpo_loss, log_probs
 
         batch = PreferenceCollator(0)([{"chosen_input_ids": r["prompt_ids"] + r["chosen_ids"],
@@ -105,10 +115,21 @@ def step_child(impl: str, pairs: int, length: int, repeats: int, out: Path) -> N
         from minicpm_data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(ROOT / "fixtures" / "tokenizers" / "chatml"))  # TRL wants one; the ids are ours
+        from peft import LoraConfig
+
         config = DPOConfig(output_dir=str(out.parent / "trl"), bf16=False, use_cpu=True, gradient_checkpointing=False,
                            max_length=None, report_to="none", per_device_train_batch_size=pairs)
         placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
-        trainer = DPOTrainer(model=model, args=config, train_dataset=placeholder, processing_class=tokenizer)
+        # TRL wraps the model with the adapter itself (after adding its fused LM head); the adapter's weights
+        # are then set to ours, so both start from the same policy.
+        trainer = DPOTrainer(model=_base_model(), args=config, train_dataset=placeholder, processing_class=tokenizer,
+                             peft_config=LoraConfig(**LORA))
+        model = trainer.model
+        adapter = {k: v for k, v in _peft_model().state_dict().items() if "lora_" in k}
+        missing = set(adapter) - set(model.state_dict())
+        assert not missing, sorted(missing)[:3]
+        model.load_state_dict(adapter, strict=False)
+        del adapter
         batch = trainer.data_collator(rows)
 
         def step():
