@@ -76,6 +76,10 @@ def _print_convert_summary(summary) -> None:
         console.print(f"{name}: {part['records']} records -> {escape(part['path'])}")
     if not summary.splits:
         console.print(f"output: {escape(summary.output or 'none (no records written)')}")
+    if summary.kind not in (None, "messages"):
+        from minicpm_data.validate import KIND_NAMES
+
+        console.print(f"holds: {KIND_NAMES[summary.kind]}")
     console.print(f"rejects: {escape(summary.rejects_path or 'none (every record written)')}")
 
 
@@ -93,7 +97,9 @@ def convert_command(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="Raw files: .json, .jsonl, .csv, .tsv, .parquet."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .json (a list) or .jsonl; a folder with --dev-ratio."),
     source: str = typer.Option("auto", "--from", help="sharegpt, alpaca, ocnli, csv (mapped columns or keys), messages, "
-                                                       "prompt-completion or auto."),
+                                                       "prompt-completion; preference data: sharegpt-pairs, alpaca-pairs, "
+                                                       "llamafactory-v1-dpo, trl-preference, hh, ultrafeedback, orca-pairs, "
+                                                       "openbmb-dpo, llamafactory-kto, trl-kto; or auto."),
     fmt: str = typer.Option(None, "--format", help="json or jsonl (default: from the output's extension)."),
     rejects: Path = typer.Option(None, "--rejects", help="Rejects file (JSONL; default: OUT.rejects.jsonl beside the output)."),
     encoding: str = typer.Option(None, "--encoding", help="Input encoding (default: detected: UTF-8, BOM, GBK/GB18030)."),
@@ -115,7 +121,8 @@ def convert_command(
     seed: int = typer.Option(42, "--seed", help="Seed for --dev-ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Convert raw chat data into MiniCPM's messages format; every record is written or rejected.
+    """Convert raw chat data into MiniCPM's messages format (preference data: into pairs or KTO rows); every record
+    is written or rejected.
 
     Exits 1 when no record is written (no output file then; the rejects file says why)."""
     from rich.markup import escape
@@ -176,16 +183,18 @@ def validate_command(
                                        "folders of them, or globs (as --train_data_path takes them)."),
     as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
 ) -> None:
-    """Check files against schemas/messages.schema.json and the turn-order rules; exit 1 on any problem."""
+    """Check files against their schema in schemas/ (SFT messages, preference pairs or KTO rows, told apart by
+    keys) and the turn-order rules; exit 1 on any problem."""
     from rich.markup import escape
     from rich.table import Table
 
-    from minicpm_data.validate import validate_file
+    from minicpm_data.validate import KIND_NAMES, file_kind, validate_file
 
     files = _data_paths(names)
     problems = [problem for path in files for problem in validate_file(path)]
     if as_json:
-        _print_json({"files": [str(p) for p in files], "problems": [p.to_dict() for p in problems]})
+        kinds = {str(p): file_kind(p) for p in files if not any(q.file == str(p) and q.index is None for q in problems)}
+        _print_json({"files": [str(p) for p in files], "kinds": kinds, "problems": [p.to_dict() for p in problems]})
     elif problems:
         title = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         table = Table(title=title, title_justify="left", header_style="bold")
@@ -199,7 +208,7 @@ def validate_command(
         if len(problems) > _MAX_PROBLEM_ROWS:
             console.print(f"... and {len(problems) - _MAX_PROBLEM_ROWS} more; --json lists them all")
     else:
-        console.print(f"[green]valid:[/] {', '.join(escape(str(p)) for p in files)}")
+        console.print(f"[green]valid:[/] {', '.join(f'{escape(str(p))} ({KIND_NAMES[file_kind(p)]})' for p in files)}")
     raise typer.Exit(1 if problems else 0)
 
 
@@ -238,6 +247,20 @@ def _no_colour() -> bool:
     return console.color_system is None or console.no_color
 
 
+def _one_kind(files: list[Path]) -> str:
+    """The kind the files share (messages, pairs or kto), each checked as training checks it."""
+    from minicpm_data.errors import InputError
+    from minicpm_data.validate import KIND_NAMES, file_kind, require_valid
+
+    for file in files:
+        require_valid(file, None)
+    kinds = {file: file_kind(file) for file in files}
+    if len(set(kinds.values())) > 1:
+        raise InputError("the files hold different kinds of record: " + "; ".join(
+            f"{file} holds {KIND_NAMES[kind]}" for file, kind in kinds.items()) + "; measure each kind on its own")
+    return kinds[files[0]]
+
+
 def _load_for_render(tokenizer: str, template: str | None, trust_remote_code: bool):
     from minicpm_data.render import detect_template
     from minicpm_data.tokenizer import load_tokenizer
@@ -246,10 +269,11 @@ def _load_for_render(tokenizer: str, template: str | None, trust_remote_code: bo
     return loaded, template or detect_template(loaded)
 
 
-@app.command("stats", help="Token statistics of messages files, rendered exactly as training renders them.")
+@app.command("stats", help="Token statistics of messages, preference-pair or KTO files, rendered exactly as training "
+                            "renders them.")
 def stats_command(
-    names: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json / .jsonl files (one "
-                                       "column each), folders of them, or globs."),
+    names: list[Path] = typer.Argument(..., metavar="FILE...", help="Target-format .json / .jsonl files of one kind "
+                                       "(one column each), folders of them, or globs."),
     tokenizer: str = typer.Option(..., "--tokenizer", "-t", help=_TOKENIZER_HELP),
     model_max_length: int = typer.Option(1024, "--model-max-length", min=1,
                                          help="Training's model_max_length."),
@@ -265,32 +289,34 @@ def stats_command(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from functools import partial
+
     from minicpm_data import report
-    from minicpm_data.stats import compute_stats, read_all
-    from minicpm_data.validate import require_valid
+    from minicpm_data.stats import compute_kto_stats, compute_pair_stats, compute_stats, read_all
 
     plot = None if plot is None else report.plot_path(plot)
     files = _data_paths(names)
-    for file in files:
-        require_valid(file)  # what training would refuse is not measured
+    kind = _one_kind(files)  # what training would refuse is not measured
+    measure = {"messages": partial(compute_stats, train_on=train_on), "kto": compute_kto_stats,
+               "pairs": compute_pair_stats}[kind]
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
     all_stats = []
     for file in files:
-        conversations = read_all(file)
+        records = read_all(file, kind)
         with Progress(TextColumn("rendering {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console, transient=True,
-                      disable=len(conversations) < 2000) as progress:
-            task = progress.add_task(file.name, total=len(conversations))
-            all_stats.append(compute_stats(
-                str(file), conversations, loaded, model_max_length=model_max_length, template=template,
-                truncation=truncation, batch_size=batch_size, train_on=train_on,
-                on_progress=lambda done: progress.advance(task, done)))
+                      disable=len(records) < 2000) as progress:
+            task = progress.add_task(file.name, total=len(records))
+            all_stats.append(measure(str(file), records, loaded, model_max_length=model_max_length, template=template,
+                                     truncation=truncation, batch_size=batch_size,
+                                     on_progress=lambda done: progress.advance(task, done)))
     if plot is not None:
         report.save_plot(all_stats, plot)
     if as_json:
         print(json.dumps([stats.to_dict() for stats in all_stats], ensure_ascii=False, indent=2))
         return
-    console.print(report.stats_table(all_stats, tokenizer, template))
+    table = report.pair_stats_table if kind == "pairs" else report.stats_table
+    console.print(table(all_stats, tokenizer, template))
     for stats in all_stats:
         console.print(report.suggestion_text(stats))
     for stats in all_stats:
@@ -299,9 +325,10 @@ def stats_command(
         console.print(f"plot written to {plot}", markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command("inspect", help="Show rendered samples with the trained tokens highlighted: what the model will learn.")
+@app.command("inspect", help="Show rendered samples (both sides of a preference pair) with the trained tokens "
+                              "highlighted: what the model will learn.")
 def inspect_command(
-    file: Path = typer.Argument(..., help="Target-format .json / .jsonl file."),
+    file: Path = typer.Argument(..., help="Target-format .json / .jsonl file (messages, pairs or KTO rows)."),
     tokenizer: str = typer.Option(..., "--tokenizer", "-t", help=_TOKENIZER_HELP),
     index: int = typer.Option(0, "--index", "-i", min=0, help="First record to show (0-based)."),
     count: int = typer.Option(1, "-n", "--count", min=1, help="How many records to show from --index."),
@@ -316,21 +343,27 @@ def inspect_command(
 
     from minicpm_data import report
     from minicpm_data.errors import InputError
-    from minicpm_data.io import read_conversations
-    from minicpm_data.render import render
-    from minicpm_data.validate import require_valid
+    from minicpm_data.io import read_examples
+    from minicpm_data.render import render, render_pairs
 
-    require_valid(file)  # what training would refuse is not shown as if it were trained
+    kind = _one_kind([file])  # what training would refuse is not shown as if it were trained
     loaded, template = _load_for_render(tokenizer, template, trust_remote_code)
-    chosen = list(islice(read_conversations(file), index, index + count))
+    chosen = list(islice(read_examples(file, kind), index, index + count))
     if not chosen:
         raise InputError(f"{file} has no record {index}")
     console.print(f"layout {template}; tokenizer {tokenizer}", style="bold", markup=False, highlight=False)
-    for number, conversation in chosen:
-        full = render(conversation, loaded, template=template, train_on=train_on)
-        cut = None if model_max_length is None else render(conversation, loaded, template=template, train_on=train_on,
-                                                           max_length=model_max_length, truncation=truncation)
-        console.print(report.inspect_view(number, conversation, full, loaded, cut, markers=_no_colour()))
+    cutting = {"max_length": model_max_length, "truncation": truncation}
+    for number, item in chosen:
+        if kind == "pairs":
+            full = next(render_pairs([item], loaded, template=template))
+            cut = None if model_max_length is None else next(render_pairs([item], loaded, template=template, **cutting))
+            console.print(report.pair_view(number, item, full, loaded, cut, markers=_no_colour()))
+            continue
+        on = "last" if kind == "kto" else train_on  # a KTO row's label judges its final answer
+        full = render(item, loaded, template=template, train_on=on)
+        cut = None if model_max_length is None else render(item, loaded, template=template, train_on=on, **cutting)
+        name = f"sample {number} ({'desirable' if item.label else 'undesirable'} answer)" if kind == "kto" else None
+        console.print(report.inspect_view(number, item, full, loaded, cut, markers=_no_colour(), name=name))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ from minicpm_data.errors import FormatError, InputError
 from minicpm_data.io import (REJECTS_NAME, TABLE_SUFFIXES, check_target, iter_raw_records, json_lines, output_format,
                               parse_line, record_writer, require_file, serialize, table_columns)
 from minicpm_data.media import MEDIA_KEY_NAMES, MEDIA_POLICIES, MEDIA_REASONS, media_keys, parts_as_placeholders
-from minicpm_data.repair import REASONING_POLICIES, TOOL_POLICIES, finished_record
-from minicpm_data.sources import DETECT_SAMPLE, FORMATS, RecordRejected, Source, detect_format, make_source
+from minicpm_data.repair import FINISHERS, REASONING_POLICIES, TOOL_POLICIES
+from minicpm_data.sources import (DETECT_SAMPLE, FORMATS, RecordRejected, Source, check_preference_keys, detect_format,
+                                  make_source)
+from minicpm_data.sources.base import PREFERENCE_KEYS
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ConvertSummary:
     repairs: Counter = field(default_factory=Counter)
     rejects: Counter = field(default_factory=Counter)
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind: str | None = None  # what the output holds: "messages", "pairs" or "kto" (minicpm_data.validate.KINDS)
 
     @property
     def read(self) -> int:
@@ -105,7 +108,7 @@ class ConvertSummary:
                 "read": self.read, "written": self.written, "rejected": self.rejected,
                 "files": [vars(f) for f in self.files],
                 "repairs": dict(self.repairs.most_common()), "rejects": dict(self.rejects.most_common()),
-                **({"splits": self.splits} if self.splits else {})}
+                **({"splits": self.splits} if self.splits else {}), "kind": self.kind}
 
 
 def default_rejects_path(output: Path) -> Path:
@@ -191,9 +194,11 @@ class RecordProcessor:
 
     def __init__(self, source: Source, options: ConvertOptions, path: Path):
         self.path = path
+        self._source = source
         self._convert = source.convert
         self._drop_media = options.media == "drop"
-        self._finish = functools.partial(finished_record, repair=options.repair, tool_turns=options.tool_turns,
+        self._sft = source.kind == "messages"
+        self._finish = functools.partial(FINISHERS[source.kind], repair=options.repair, tool_turns=options.tool_turns,
                                          reasoning=options.reasoning, media=options.media, verbatim=source.verbatim,
                                          default_system=options.system)
 
@@ -201,6 +206,8 @@ class RecordProcessor:
         try:
             if not isinstance(record, dict):
                 raise RecordRejected("not an object", f"record is {type(record).__name__}")
+            if self._sft and not record.keys().isdisjoint(PREFERENCE_KEYS):
+                check_preference_keys(self._source, record)
             try:
                 conversation = self._convert(record)
             except RecordRejected as rejection:
@@ -272,6 +279,7 @@ def _convert_file(path: Path, options: ConvertOptions, file_summary: FileSummary
     if name == "auto":  # no records to detect from
         return
     source = make_source(name, **options.table_options())
+    _check_kind(sink.summary, source, path)
     if path.suffix.lower() in TABLE_SUFFIXES and (columns := table_columns(path, encoding=options.encoding)):
         source.check_columns(columns, str(path))  # also for a header without rows
     elif head:  # JSON records: the keys the sampled records have, like a table's header
@@ -301,6 +309,17 @@ def _other_format(records: list[Any], chosen: str) -> str | None:
     except FormatError:
         return None
     return None if detected == chosen else detected
+
+
+def _check_kind(summary: ConvertSummary, source: Source, path: Path) -> None:
+    """One output holds one kind of record: SFT conversations, preference pairs or KTO rows."""
+    if summary.kind is None:
+        summary.kind = source.kind
+    elif source.kind != summary.kind:
+        from minicpm_data.validate import KIND_NAMES
+
+        raise FormatError(f"{path}: its {source.name} records become {KIND_NAMES[source.kind]}, the inputs before it "
+                          f"{KIND_NAMES[summary.kind]}: one output holds one kind; convert them separately")
 
 
 def _same(record: Any) -> Any:

@@ -25,7 +25,7 @@ from typing import IO, Any, NamedTuple
 
 import orjson
 
-from minicpm_data.conversation import Conversation
+from minicpm_data.conversation import RECORD_TYPES, Conversation
 from minicpm_data.errors import InputError
 
 RAW_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
@@ -477,14 +477,22 @@ def read_conversations(path: str | Path) -> Iterator[tuple[int, Conversation]]:
     Records must have ``messages`` with string ``role``/``content``; run
     :func:`minicpm_data.validate.validate_file` first for the full rules.
     """
+    return read_examples(path, "messages")
+
+
+def read_examples(path: str | Path, kind: str) -> Iterator[tuple[int, Any]]:
+    """``(index, record)`` for every record of a target-format file of ``kind`` (``messages``: a
+    :class:`Conversation`; ``pairs``: a :class:`PreferencePair`; ``kto``: a :class:`LabeledConversation`).
+    Run :func:`minicpm_data.validate.validate_file` first for the full rules."""
     path = Path(path)
+    build = RECORD_TYPES[kind].from_record
     for record in iter_raw_records(path):
         try:
-            yield record.index, Conversation.from_record(record.data)
+            yield record.index, build(record.data)
         except (KeyError, TypeError, AttributeError):
             where = f"{path}:{record.line}" if record.line else str(path)
             raise InputError(
-                f"{where}: record {record.index} is not a messages record; check with: minicpm-data validate {path}"
+                f"{where}: record {record.index} is not a {kind} record; check with: minicpm-data validate {path}"
             ) from None
 
 

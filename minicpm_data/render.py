@@ -21,6 +21,9 @@ Which assistant turns are trained: all of them (``train_on="all"``, the default)
 Untrained assistant turns are context, like user turns; MiniCPM-2's final ``</s>`` is trained with the
 final turn.
 
+Preference pairs (:func:`render_pairs`) render each side, the context plus that answer, through the same
+batches with ``train_on="last"``, compare the two full renderings, then truncate them by the same policy.
+
 How labels stay exact: each layout is a list of literal text parts with the message contents between
 them. For ChatML the parts come from rendering the template once per sequence of roles with marker
 contents (checked against a real rendering); the whole text is tokenized in one batch call and the
@@ -42,7 +45,7 @@ from functools import partial
 from itertools import accumulate, chain, islice
 from typing import Any
 
-from minicpm_data.conversation import Conversation
+from minicpm_data.conversation import Conversation, PreferencePair
 from minicpm_data.errors import InputError, TokenizerError
 
 IGNORE_INDEX = -100
@@ -164,6 +167,70 @@ def render_stream(conversations: Iterable[Conversation], tokenizer: Any, *, temp
             pending = (tokenized, plans)
         if pending is not None:
             yield from finish(*pending)
+
+
+@dataclass(slots=True)
+class RenderedPair:
+    """A preference pair as training sees it: each side is the context plus that answer, rendered like a
+    conversation with only the final answer (and what closes it) trained, then truncated.
+
+    ``prompt_tokens``: the tokens before the chosen side's first trained token in the full rendering (the
+    shared prompt when ``problem`` is None). ``problem``: why the pair cannot be trained (a key of
+    :data:`PAIR_PROBLEMS`), else None.
+    """
+
+    chosen: RenderedSample
+    rejected: RenderedSample
+    prompt_tokens: int
+    problem: str | None = None
+
+
+# Why a rendered pair cannot be trained, in the order they are checked.
+PAIR_PROBLEMS = {
+    "prompts differ": "the two sides' token ids before their first trained token differ (a tokenizer merges the "
+                      "prompt's last characters with one answer's first): the answers are not scored on one prompt",
+    "identical answers": "the chosen and the rejected answer render to the same tokens",
+    "answer truncated away": "truncation at model_max_length leaves one side (or both) without a trained token",
+    "no difference left": "after truncation both sides keep the same tokens: nothing tells the answers apart",
+}
+
+
+def render_pairs(pairs: Iterable[PreferencePair], tokenizer: Any, *, template: str | None = None,
+                 max_length: int | None = None, truncation: str = "right",
+                 on_progress: Callable[[int], None] | None = None) -> Iterator[RenderedPair]:
+    """Yield one :class:`RenderedPair` per pair, in order, rendering lazily in batches.
+
+    The sides go through :func:`render_stream` (one batched tokenizer call for both, ``train_on="last"``:
+    the context's assistant turns are never trained), are compared at full length, then truncated by the
+    same policy as any sample. ``on_progress(n)`` is called with the pairs done after each batch.
+    """
+    sides = chain.from_iterable(pair.sides() for pair in pairs)
+    progress = None if on_progress is None else (lambda done: on_progress(done // 2))  # batches hold whole pairs
+    drop = truncation == "drop"
+    full = render_stream(sides, tokenizer, template=template, truncation=truncation, train_on="last",
+                         on_progress=progress)
+    for chosen, rejected in zip(full, full):
+        yield _pair(chosen, rejected, max_length, drop)
+
+
+def _pair(chosen: RenderedSample, rejected: RenderedSample, max_length: int | None, drop: bool) -> RenderedPair:
+    """Compare the full renderings of both sides, then truncate them; the first problem found, if any."""
+    prompt = _first_trained(chosen.labels)
+    problem = None
+    if chosen.input_ids[:prompt] != rejected.input_ids[:_first_trained(rejected.labels)]:
+        problem = "prompts differ"
+    elif chosen.input_ids == rejected.input_ids:
+        problem = "identical answers"
+    chosen, rejected = _truncated(chosen, max_length, drop), _truncated(rejected, max_length, drop)
+    if problem is None and not (chosen.trainable and rejected.trainable):
+        problem = "answer truncated away"
+    elif problem is None and chosen.input_ids == rejected.input_ids:
+        problem = "no difference left"
+    return RenderedPair(chosen, rejected, prompt, problem)
+
+
+def _first_trained(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 def render_prompt(conversation: Conversation, tokenizer: Any, template: str | None = None) -> list[int]:
@@ -422,12 +489,17 @@ def _sample(ids: list[int], trained_ranges: list[tuple[int, int]], turn_ends: li
         trained += eos_trained
     if turn_ends:  # the last message's turn runs to the end of the sample
         turn_ends[-1] = len(ids)
-    sample = RenderedSample(ids, labels, len(ids), trained, 0, turn_ends)
-    if max_length is not None and len(ids) > max_length:
-        sample.input_ids, sample.labels = ids[:max_length], labels[:max_length]
+    return _truncated(RenderedSample(ids, labels, len(ids), trained, 0, turn_ends), max_length, drop)
+
+
+def _truncated(sample: RenderedSample, max_length: int | None, drop: bool) -> RenderedSample:
+    """The truncation policy, applied in place to a full rendering: keep the first ``max_length`` tokens
+    (``drop``: and train none of them); ``trained_tokens_lost`` counts the trained tokens cut."""
+    if max_length is not None and len(sample.input_ids) > max_length:
+        sample.input_ids, sample.labels = sample.input_ids[:max_length], sample.labels[:max_length]
         if drop:
             sample.labels = [IGNORE_INDEX] * max_length
-        sample.trained_tokens_lost = trained - (max_length - sample.labels.count(IGNORE_INDEX))
+        sample.trained_tokens_lost = sample.trained_tokens - (max_length - sample.labels.count(IGNORE_INDEX))
     return sample
 
 

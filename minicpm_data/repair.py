@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from minicpm_data.conversation import Conversation, Message
+from minicpm_data.conversation import Conversation, LabeledConversation, Message, PreferencePair
 from minicpm_data.media import PLACEHOLDER, media_found, without_placeholders
 from minicpm_data.sources.base import TOOL_ROLE, RecordRejected
 from minicpm_data.validate import turn_problems
@@ -230,6 +230,50 @@ def _no_exchange(messages: Messages) -> RecordRejected:
         return RecordRejected("answer without prompt", "the user turn is empty" if "user" in empty
                               else "no user turn comes before the assistant turn")
     return RecordRejected("invalid turn order", "every assistant turn comes before the first user turn")
+def finished_pair(pair: PreferencePair, **policies: Any) -> tuple[dict[str, Any], list[str]]:
+    """A preference pair as its target-format record, and the repairs applied: each side (the context plus that
+    answer) is finished as :func:`finished_record` finishes a conversation (``policies`` are its keywords), so
+    both sides get the same repairs of their shared context. Per-turn ``train`` flags are dropped: in a pair
+    only the final answer is trained."""
+    _check_answers(pair.messages, {"chosen": pair.chosen, "rejected": pair.rejected})
+    chosen, applied = finished_record(Conversation(_untrained([*pair.messages, pair.chosen])), **policies)
+    rejected, more = finished_record(Conversation(_untrained([*pair.messages, pair.rejected])), **policies)
+    context, answers = chosen["messages"][:-1], (chosen["messages"][-1], rejected["messages"][-1])
+    if context != rejected["messages"][:-1]:  # one side's answer changed how the context was repaired
+        raise RecordRejected("prompts differ", "the two sides' contexts differ after repairs")
+    if answers[0]["content"] == answers[1]["content"]:
+        raise RecordRejected("identical answers", "chosen and rejected are the same text")
+    return {"messages": context, "chosen": answers[0], "rejected": answers[1]}, list(dict.fromkeys(applied + more))
+
+
+def finished_labeled(row: LabeledConversation, **policies: Any) -> tuple[dict[str, Any], list[str]]:
+    """A KTO row as its target-format record, and the repairs applied (see :func:`finished_pair`)."""
+    _check_answers(row.messages[:-1], {"the labelled answer": row.messages[-1] if row.messages else None})
+    record, applied = finished_record(Conversation(_untrained(row.messages)), **policies)
+    return {**record, "label": row.label}, applied
+
+
+# How a source's output is finished, by the kind of record it writes (Source.kind).
+FINISHERS: dict[str, Callable[..., tuple[dict[str, Any], list[str]]]] = {
+    "messages": finished_record, "pairs": finished_pair, "kto": finished_labeled}
+
+
+def _check_answers(context: Messages, answers: dict[str, Message | None]) -> None:
+    """The answers exist and are not empty, and the context ends with the user turn they reply to (repairs
+    would otherwise drop an empty answer with its prompt, or merge an answer into a context's last answer)."""
+    for side, message in answers.items():
+        if message is None or message.role != "assistant":
+            raise RecordRejected("side missing", f"no assistant answer as {side}")
+        if not message.content.strip():
+            raise RecordRejected("empty answer", f"{side} is empty")
+    last = next((m for m in reversed(context) if m.role != TOOL_ROLE and m.content.strip()), None)
+    if last is None or last.role != "user":
+        raise RecordRejected("no prompt", "the context does not end with a user turn" if last
+                             else "the context has no user turn")
+
+
+def _untrained(messages: Messages) -> Messages:
+    return [m if m.train is None else Message(m.role, m.content, None, m.reasoning) for m in messages]
 
 
 def finish(conversation: Conversation, *, repair: bool = True, tool_turns: str = "reject",

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from minicpm_data.errors import InputError, MinicpmError
-from minicpm_data.stats import FileStats
+from minicpm_data.stats import FileStats, PairStats
 
 HISTOGRAM_BINS = 16
 BAR_WIDTH = 40
@@ -28,11 +28,16 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
 
 
-def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: str) -> Table:
-    """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
+def _spread(values: Any) -> str:
+    return f"{_num(values.mean)}, {_num(values.p50)}, {values.max:,}"
+
+
+def _file_columns(all_stats: Sequence[Any], tokenizer_name: str, template: str, what: str) -> tuple[Table, Any]:
+    """A stats table with one column per file, titled with the rendering options, and ``row(label, cell)``
+    that adds a row of ``cell(stats)`` per file."""
     first = all_stats[0]
     table = Table(title=Text(f"tokenizer {tokenizer_name} · layout {template} · model_max_length "
-                             f"{first.model_max_length} · truncation {first.truncation} · train on {first.train_on}"),
+                             f"{first.model_max_length} · truncation {first.truncation} · {what}"),
                   title_justify="left", header_style="bold")
     table.add_column("")
     for stats in all_stats:
@@ -41,6 +46,13 @@ def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: s
     def row(label: str, cell) -> None:
         table.add_row(label, *(cell(stats) for stats in all_stats))
 
+    return table, row
+
+
+def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: str) -> Table:
+    """One column per file: records, lengths, truncation against model_max_length, tokens per epoch."""
+    first = all_stats[0]
+    table, row = _file_columns(all_stats, tokenizer_name, template, f"train on {first.train_on}")
     roles = sorted({role for stats in all_stats for role in stats.roles})
     row("records", lambda s: f"{s.records:,}")
     row("turns per record (mean, min-max)", lambda s: f"{s.turns.mean:.2f}, {s.turns.min}-{s.turns.max}")
@@ -67,12 +79,45 @@ def stats_table(all_stats: Sequence[FileStats], tokenizer_name: str, template: s
         lambda s: _count(s.padding_to_max_length, s.padding_to_max_length + s.total_tokens))
     row(f"padding to longest in batch of {first.batch_size}",
         lambda s: _count(s.padding_to_longest, s.padding_to_longest + s.total_tokens))
+    if any(stats.labels for stats in all_stats):  # KTO rows
+        table.add_section()
+        row("desirable answers (label true)", lambda s: _count(s.labels["desirable"], s.records))
+        row("undesirable answers (label false)", lambda s: _count(s.labels["undesirable"], s.records))
     table.add_section()
     row("suggested model_max_length", lambda s: f"{s.suggested_max_length:,}")
     return table
 
 
-def suggestion_text(stats: FileStats) -> Text:
+def pair_stats_table(all_stats: Sequence[PairStats], tokenizer_name: str, template: str) -> Table:
+    """One column per file of preference pairs: context and answer tokens, what truncation does to the pairs
+    (drops them, or cuts them until no differing token is left), tokens per epoch."""
+    first = all_stats[0]
+    table, row = _file_columns(all_stats, tokenizer_name, template, "preference pairs")
+    row("pairs", lambda s: f"{s.records:,}")
+    table.add_section()
+    for name, what in (("context", "context tokens"), ("chosen", "chosen answer tokens"),
+                       ("rejected", "rejected answer tokens")):
+        row(f"{what}: mean, p50, max", lambda s, name=name: _spread(getattr(s, name)))
+    row("longer side: mean, p50, max", lambda s: _spread(s.tokens))
+    table.add_section()
+    row(f"a side longer than {first.model_max_length}", lambda s: _count(s.over_max_length, s.records))
+    row("  answers cut, still trained", lambda s: _count(s.answers_cut, s.records))
+    row("  an answer cut away (never trained)", lambda s: _count(s.problems["answer truncated away"], s.records))
+    row("  no differing token left (never trained)", lambda s: _count(s.problems["no difference left"], s.records))
+    row("identical answers (never trained)", lambda s: _count(s.problems["identical answers"], s.records))
+    row("prompts differ in tokens (never trained)", lambda s: _count(s.problems["prompts differ"], s.records))
+    table.add_section()
+    row("pairs trained per epoch", lambda s: _count(s.trainable_pairs, s.records))
+    row("tokens per epoch, both sides", lambda s: f"{s.total_tokens:,}")
+    row("trained tokens per epoch", lambda s: _count(s.trained_tokens, s.total_tokens))
+    row(f"padding, batches of {first.batch_size} pairs", lambda s: _count(s.padding_to_longest,
+                                                                         s.padding_to_longest + s.total_tokens))
+    table.add_section()
+    row("suggested model_max_length", lambda s: f"{s.suggested_max_length:,}")
+    return table
+
+
+def suggestion_text(stats: FileStats | PairStats) -> Text:
     """Why the suggested length: the smallest multiple of 64 covering the 99th percentile."""
     if not stats.records:
         return Text(f"{Path(stats.file).name}: no records, so no length to suggest.")
@@ -80,7 +125,7 @@ def suggestion_text(stats: FileStats) -> Text:
     over = int((lengths > stats.suggested_max_length).sum()) if lengths is not None else 0
     return Text(f"{Path(stats.file).name}: suggested model_max_length {stats.suggested_max_length} is the smallest "
                 f"multiple of 64 covering p99 ({stats.tokens.p99:,.0f} tokens); {over:,} of {stats.records:,} "
-                f"samples are longer (longest {stats.tokens.max:,}).")
+                f"{stats.unit}s are longer (longest {stats.tokens.max:,}).")
 
 
 def _histogram_edges(low: int, high: int, limit: int) -> Any:
@@ -118,8 +163,12 @@ def histogram(stats: FileStats, *, markers: bool = False) -> Group:
         marker = f"← model_max_length {limit}" if end == limit else ""
         table.add_row(label, Text(bar, style="red" if over else "green"), f"{count:,}", marker)
     key = f"{OVER_BAR}{OVER_BAR}{OVER_BAR}" if markers else "red"
-    title = Text(f"{name}: tokens per sample ({key}: longer than model_max_length {limit})", style="bold")
+    title = Text(f"{name}: tokens per {_length_of(stats)} ({key}: longer than model_max_length {limit})", style="bold")
     return Group(title, table)
+
+
+def _length_of(stats: FileStats | PairStats) -> str:
+    return "pair (its longer side)" if stats.unit == "pair" else stats.unit
 
 
 def plot_path(path: str | Path) -> Path:
@@ -148,13 +197,13 @@ def plot_figure(all_stats: Sequence[FileStats]) -> Any:
     for stats in all_stats:
         name = Path(stats.file).name
         *_, patches = axes.hist(stats.lengths, bins=60, range=(0, top), alpha=0.55,
-                                label=f"{name} ({stats.records:,} samples, {stats.over_max_length:,} over)")
+                                label=f"{name} ({stats.records:,} {stats.unit}s, {stats.over_max_length:,} over)")
         if stats.records:
             axes.axvline(stats.suggested_max_length, color=patches[0].get_facecolor(), alpha=1, linestyle=":",
                          label=f"suggested for {name} = {stats.suggested_max_length}")
     axes.axvline(limit, color="red", linestyle="--", label=f"model_max_length = {limit}")
-    axes.set_xlabel("tokens per sample (rendered as training sees them)")
-    axes.set_ylabel("samples")
+    axes.set_xlabel(f"tokens per {_length_of(all_stats[0])} (rendered as training sees them)")
+    axes.set_ylabel(f"{all_stats[0].unit}s")
     axes.set_title("Sample lengths")
     axes.legend()
     figure.tight_layout()
@@ -177,12 +226,13 @@ def save_plot(all_stats: Sequence[FileStats], path: str | Path) -> Path:
 
 
 def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: Any = None, *,
-                 markers: bool = False) -> Group:
+                 markers: bool = False, name: str | None = None) -> Group:
     """The "what will the model learn" view of one sample.
 
     ``full`` is the untruncated rendering, ``cut`` the same sample under the truncation policy (if any):
     trained tokens are highlighted, tokens cut by truncation struck out, with per-turn token counts.
-    ``markers`` also writes ⟦trained⟧ and ✂ before the cut, for output without colours.
+    ``markers`` also writes ⟦trained⟧ and ✂ before the cut, for output without colours. ``name`` titles the
+    view (default ``sample INDEX``).
     """
     cut = cut or full
     ids, kept = full.input_ids, len(cut.input_ids)
@@ -200,7 +250,7 @@ def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: 
         if markers and style == TRAINED_STYLE:
             piece = f"⟦{piece}⟧"
         text.append(piece, style=style)
-    title = f"sample {index}: {full.num_tokens:,} tokens, {full.trained_tokens:,} trained"
+    title = f"{name or f'sample {index}'}: {full.num_tokens:,} tokens, {full.trained_tokens:,} trained"
     if cut.truncated:
         title += (f"; over {kept:,}: {cut.trained_tokens_lost:,} trained tokens cut"
                   + ("" if cut.trainable else ", never trained"))
@@ -221,3 +271,18 @@ def inspect_view(index: int, conversation: Any, full: Any, tokenizer: Any, cut: 
                            ("not trained", PROMPT_STYLE), "  ", ("✂ cut by truncation" if markers else
                                                                  "cut by truncation", CUT_STYLE))
     return Group(turns, legend, text, Text(""))
+
+
+def pair_view(index: int, pair: Any, full: Any, tokenizer: Any, cut: Any = None, *, markers: bool = False) -> Group:
+    """Both sides of a preference pair (``full``/``cut``: :class:`~minicpm_data.render.RenderedPair` at full length
+    and under the truncation policy), each as :func:`inspect_view` shows a sample, under a line that says how
+    many context tokens they share and why training would skip the pair, if it would."""
+    cut = cut or full
+    problem = cut.problem or full.problem
+    head = Text(f"pair {index}: {full.prompt_tokens:,} context tokens shared by both sides", style="bold")
+    if problem:
+        head.append(f"; never trained: {problem}", style="bold red")
+    chosen, rejected = pair.sides()
+    return Group(head, *(inspect_view(index, side, getattr(full, which), tokenizer, getattr(cut, which), markers=markers,
+                                      name=f"pair {index}, {which}")
+                         for which, side in (("chosen", chosen), ("rejected", rejected))))

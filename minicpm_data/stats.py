@@ -11,9 +11,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from minicpm_data.conversation import Conversation, Message
+from minicpm_data.conversation import Conversation, LabeledConversation, Message, PreferencePair
 
 PERCENTILES = (50, 90, 95, 99)
 LENGTH_MULTIPLE = 64
@@ -47,8 +47,9 @@ class Distribution:
 
 @dataclass
 class FileStats:
-    """What ``minicpm-data stats`` reports for one file."""
+    """What ``minicpm-data stats`` reports for one file of conversations (or KTO rows: ``labels`` counts them)."""
 
+    unit: ClassVar[str] = "sample"
     file: str
     records: int
     model_max_length: int
@@ -72,6 +73,7 @@ class FileStats:
     padding_to_longest: int = 0             # pad tokens when each batch is padded to its longest sample
     suggested_max_length: int = 0
     lengths: Any = None                     # numpy array of full token counts, for histograms
+    labels: Counter = field(default_factory=Counter)  # KTO rows: how many are desirable / undesirable
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``lengths`` left out)."""
@@ -87,16 +89,18 @@ class FileStats:
             "padding": {"batch_size": self.batch_size, "to_max_length": self.padding_to_max_length,
                         "to_longest_in_batch": self.padding_to_longest},
             "suggested_model_max_length": self.suggested_max_length,
+            **({"labels": dict(self.labels)} if self.labels else {}),
         }
 
 
-def read_all(path: str | Path) -> list[Conversation]:
-    """Every conversation of a target-format file, read with the garbage collector paused (much faster)."""
-    from minicpm_data.io import read_conversations
+def read_all(path: str | Path, kind: str = "messages") -> list[Any]:
+    """Every record of a target-format file of ``kind`` (conversations, pairs or KTO rows), read with the
+    garbage collector paused (much faster)."""
+    from minicpm_data.io import read_examples
     from minicpm_data.render import gc_paused
 
     with gc_paused():
-        return [conversation for _, conversation in read_conversations(path)]
+        return [item for _, item in read_examples(path, kind)]
 
 
 def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: Any, *, model_max_length: int,
@@ -141,6 +145,103 @@ def compute_stats(file: str, conversations: Sequence[Conversation], tokenizer: A
         padding_to_max_length=int(model_max_length * keep.sum() - kept[keep].sum()),
         padding_to_longest=padding_to_longest(kept[keep], batch_size),
         suggested_max_length=suggest_max_length(full), lengths=full,
+    )
+
+
+def compute_kto_stats(file: str, rows: Sequence[LabeledConversation], tokenizer: Any, **options: Any) -> FileStats:
+    """:func:`compute_stats` of KTO rows (only the final, labelled answer is trained), with their labels counted."""
+    stats = compute_stats(file, rows, tokenizer, train_on="last", **options)
+    stats.labels = Counter("desirable" if row.label else "undesirable" for row in rows)
+    return stats
+
+
+@dataclass
+class PairStats:
+    """What ``minicpm-data stats`` reports for one file of preference pairs, from :func:`render_pairs`.
+
+    ``tokens``/``lengths``: each pair's longer side (the full rendering); ``context``: the prompt tokens both
+    sides share; ``chosen``/``rejected``: each answer's trained tokens (the answer and what closes it).
+    ``problems`` counts the pairs training skips, by :data:`~minicpm_data.render.PAIR_PROBLEMS` reason; of
+    those, ``answer truncated away`` and ``no difference left`` are truncation's doing.
+    """
+
+    unit: ClassVar[str] = "pair"
+    file: str
+    records: int
+    model_max_length: int
+    truncation: str
+    batch_size: int
+    context: Distribution = Distribution()
+    chosen: Distribution = Distribution()
+    rejected: Distribution = Distribution()
+    tokens: Distribution = Distribution()
+    over_max_length: int = 0                # pairs with a side longer than model_max_length
+    answers_cut: int = 0                    # still trained, but with answer tokens cut
+    problems: Counter = field(default_factory=Counter)
+    trainable_pairs: int = 0
+    total_tokens: int = 0                   # both sides, after truncation, trainable pairs only
+    trained_tokens: int = 0
+    padding_to_longest: int = 0             # each batch's 2 x batch_size sequences padded to its longest
+    suggested_max_length: int = 0
+    lengths: Any = None
+
+    @property
+    def cut_by_truncation(self) -> int:
+        """Pairs truncation drops or leaves without a differing token."""
+        return self.problems["answer truncated away"] + self.problems["no difference left"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "kind": "pairs", "records": self.records, "model_max_length": self.model_max_length,
+            "truncation": self.truncation, "context_tokens": self.context.to_dict(),
+            "chosen_tokens": self.chosen.to_dict(), "rejected_tokens": self.rejected.to_dict(),
+            "tokens_longer_side": self.tokens.to_dict(), "over_max_length": self.over_max_length,
+            "answers_cut": self.answers_cut, "cut_by_truncation": self.cut_by_truncation,
+            "problems": dict(self.problems), "trainable_pairs": self.trainable_pairs,
+            "total_tokens": self.total_tokens, "trained_tokens": self.trained_tokens,
+            "padding": {"batch_size": self.batch_size, "to_longest_in_batch": self.padding_to_longest},
+            "suggested_model_max_length": self.suggested_max_length,
+        }
+
+
+def compute_pair_stats(file: str, pairs: Sequence[PreferencePair], tokenizer: Any, *, model_max_length: int,
+                       template: str | None = None, truncation: str = "right", batch_size: int = 8,
+                       on_progress: Callable[[int], None] | None = None) -> PairStats:
+    """Render every pair once (:func:`~minicpm_data.render.render_pairs`) and reduce them to :class:`PairStats`."""
+    import numpy as np
+
+    from minicpm_data.render import gc_paused, render_pairs
+
+    columns: dict[str, list[int]] = {name: [] for name in ("context", "chosen", "rejected", "full_c", "full_r",
+                                                           "kept_c", "kept_r", "trained", "lost", "ok")}
+    problems: Counter = Counter()
+    with gc_paused():
+        for pair in render_pairs(pairs, tokenizer, template=template, max_length=model_max_length,
+                                 truncation=truncation, on_progress=on_progress):
+            chosen, rejected = pair.chosen, pair.rejected
+            for name, value in (("context", pair.prompt_tokens), ("chosen", chosen.trained_tokens),
+                                ("rejected", rejected.trained_tokens), ("full_c", chosen.num_tokens),
+                                ("full_r", rejected.num_tokens), ("kept_c", len(chosen.input_ids)),
+                                ("kept_r", len(rejected.input_ids)),
+                                ("trained", chosen.trained_tokens + rejected.trained_tokens
+                                 - chosen.trained_tokens_lost - rejected.trained_tokens_lost),
+                                ("lost", chosen.trained_tokens_lost + rejected.trained_tokens_lost),
+                                ("ok", pair.problem is None)):
+                columns[name].append(value)
+            if pair.problem:
+                problems[pair.problem] += 1
+    data = {name: np.array(values, dtype=np.int64) for name, values in columns.items()}
+    ok = data["ok"].astype(bool)
+    longer = np.maximum(data["full_c"], data["full_r"])
+    sides = np.stack([data["kept_c"], data["kept_r"]], axis=1)[ok].reshape(-1)  # c0, r0, c1, r1, ...
+    return PairStats(
+        file=file, records=len(pairs), model_max_length=model_max_length, truncation=truncation,
+        batch_size=batch_size, context=Distribution.of(data["context"]), chosen=Distribution.of(data["chosen"]),
+        rejected=Distribution.of(data["rejected"]), tokens=Distribution.of(longer),
+        over_max_length=int((longer > model_max_length).sum()), answers_cut=int(((data["lost"] > 0) & ok).sum()),
+        problems=problems, trainable_pairs=int(ok.sum()), total_tokens=int(sides.sum()),
+        trained_tokens=int(data["trained"][ok].sum()), padding_to_longest=padding_to_longest(sides, 2 * batch_size),
+        suggested_max_length=suggest_max_length(longer), lengths=longer,
     )
 
 

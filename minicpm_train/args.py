@@ -35,6 +35,22 @@ LEGACY_RENAMES = {
 LEGACY_GROUP_BY_LENGTH = "group_by_length"
 NO_RESUME = (None, "", "false", "False")  # --resume_from_checkpoint values meaning a fresh start
 LOSS_IMPLS = ("auto", "chunked", "fused", "full")  # --loss_impl: how the loss meets lm_head (minicpm_train.loss)
+STAGES = ("sft", "dpo", "kto")  # --stage: what a run trains (minicpm_train.preference for dpo / kto)
+PREF_LOSSES = ("sigmoid", "ipo", "hinge")  # --pref_loss: the DPO loss
+# OpenBMB's finetune/sft_dpo_trainer flags -> ours (--use_dpo true is --stage dpo).
+OPENBMB_DPO_RENAMES = {"dpo_beta": "beta", "sft_loss_weight": "sft_weight", "reference_model_path": "ref_model"}
+OPENBMB_USE_DPO = "use_dpo"
+# Switches (an optional true / false after them) -> the flags they mean when on, and the notice then.
+LEGACY_SWITCHES = {
+    LEGACY_GROUP_BY_LENGTH: (["--train_sampling_strategy", "group_by_length"],
+                             "--group_by_length is now --train_sampling_strategy group_by_length; using that"),
+    OPENBMB_USE_DPO: (["--stage", "dpo"],
+                      "--use_dpo (OpenBMB's sft_dpo_trainer) is --stage dpo; using it. As there, the loss is the DPO "
+                      "loss plus --sft_weight times the chosen answers' SFT loss; unlike there, a sequence's "
+                      "log-probability sums its answer tokens (the DPO paper's and TRL's form; OpenBMB's averages "
+                      "every token, prompt included), and the reference is the base model without a second copy "
+                      "(LoRA: adapter disabled)"),
+}
 QLORA_ZERO3 = "QLoRA with ZeRO-3 is not supported: use --deepspeed zero2_offload (the guide's QLoRA setting) or zero2"
 
 
@@ -80,6 +96,18 @@ class RunOptions:
         "help": "Start over in an --output_dir that holds an earlier run's checkpoints (deletes them)."})
     force_resume: bool = field(default=False, metadata={
         "help": "Resume a checkpoint of another model, data or --max_steps anyway (refused otherwise)."})
+    stage: str = field(default="sft", metadata={
+        "help": "What to train: sft (conversations), dpo (preference pairs) or kto (answers labelled desirable or not)."})
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO / KTO beta: how far the model may move from the reference (higher: less)."})
+    pref_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or hinge."})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "DPO: add this weight times the chosen answers' SFT loss (OpenBMB's --sft_loss_weight)."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "DPO / KTO reference model folder; default: the base model (LoRA: adapter disabled; full: "
+                "log-probabilities computed once before training and cached)."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the desirable answers' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the undesirable answers' losses."})
 
 
 @dataclass
@@ -158,23 +186,27 @@ def _canonical_flag(token: str) -> str:
 
 
 def _rename_legacy(argv: list[str], notices: list[str]) -> list[str]:
-    """Map renamed HF flags to today's names, with a one-line notice each."""
+    """Map renamed HF flags and OpenBMB's sft_dpo_trainer flags to today's names, and switches (``--group_by_length``,
+    ``--use_dpo``, with an optional true / false) to the flags they mean, with a one-line notice each."""
     renamed: list[str] = []
     index = 0
     while index < len(argv):
         token = argv[index]
         name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        if name in LEGACY_RENAMES:
-            new = LEGACY_RENAMES[name]
-            notices.append(f"--{name} is the old name of --{new} (renamed in transformers); using --{new}")
+        if name in LEGACY_RENAMES or name in OPENBMB_DPO_RENAMES:
+            new = LEGACY_RENAMES.get(name) or OPENBMB_DPO_RENAMES[name]
+            whose = ("the old name of --{0} (renamed in transformers)" if name in LEGACY_RENAMES
+                     else "OpenBMB sft_dpo_trainer's name for --{0}").format(new)
+            notices.append(f"--{name} is {whose}; using --{new}")
             renamed.append(f"--{new}{eq}{value}")
-        elif name == LEGACY_GROUP_BY_LENGTH:
-            notices.append("--group_by_length is now --train_sampling_strategy group_by_length; using that")
+        elif name in LEGACY_SWITCHES:
             if not eq and index + 1 < len(argv) and argv[index + 1].lower() in ("true", "false"):
                 index += 1
                 value = argv[index]
             if value.lower() != "false":
-                renamed += ["--train_sampling_strategy", "group_by_length"]
+                meaning, notice = LEGACY_SWITCHES[name]
+                notices.append(notice)
+                renamed += meaning
         else:
             renamed.append(token)
         index += 1
@@ -283,6 +315,7 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
 
     launch = LaunchOptions(**vars(launch_ns))
     _check_required(options, training, require_data)
+    _check_preference(options)
     if launch.hostfile and not Path(launch.hostfile).is_file():
         raise ArgumentError(f"--hostfile {launch.hostfile} does not exist: it lists the nodes, one "
                             "'HOST slots=N' line each")
@@ -293,6 +326,24 @@ def parse_run_args(argv: list[str], *, env: dict[str, str] | None = None, notice
         if options.qlora and _zero_stage(training["deepspeed"]) == 3:
             raise ArgumentError(QLORA_ZERO3)
     return ResolvedRun(options, launch, training, dict(env or {}), notices)
+
+
+def _check_preference(options: RunOptions) -> None:
+    """The preference flags make sense together (one line each when they do not)."""
+    if options.stage not in STAGES:
+        raise ArgumentError(f"--stage must be one of {', '.join(STAGES)}, not {options.stage!r}")
+    if options.pref_loss not in PREF_LOSSES:
+        raise ArgumentError(f"--pref_loss must be one of {', '.join(PREF_LOSSES)}, not {options.pref_loss!r}")
+    if not options.beta > 0:
+        raise ArgumentError(f"--beta must be above 0, not {options.beta}")
+    if options.sft_weight < 0 or options.desirable_weight < 0 or options.undesirable_weight < 0:
+        raise ArgumentError("--sft_weight, --desirable_weight and --undesirable_weight must be 0 or more")
+    if options.sft_weight and options.stage != "dpo":
+        raise ArgumentError(f"--sft_weight is a DPO option; this run is --stage {options.stage}")
+    if options.ref_model and options.stage == "sft":
+        raise ArgumentError("--ref_model is for --stage dpo or kto; an SFT run has no reference model")
+    if options.ref_model and not (Path(options.ref_model) / "config.json").is_file():
+        raise ArgumentError(f"--ref_model {options.ref_model}: not a model folder (no config.json)")
 
 
 def _check_required(options: RunOptions, training: dict[str, Any], require_data: bool) -> None:
@@ -378,4 +429,4 @@ def known_flag_names() -> set[str]:
     """Every flag name ``run`` accepts, in :func:`flag_name` spelling without dashes (``--config`` aside)."""
     options = {flag_name(option[2:]) for parser in (_hf_parser(), _launch_parser()) for action in parser._actions
                for option in action.option_strings if option.startswith("--")}
-    return (options - {"help"}) | set(LEGACY_RENAMES) | {LEGACY_GROUP_BY_LENGTH}
+    return (options - {"help"}) | set(LEGACY_RENAMES) | set(OPENBMB_DPO_RENAMES) | set(LEGACY_SWITCHES)

@@ -456,10 +456,11 @@ def _show_eval(result, predictions_path) -> None:
     console.print(f"predictions: {predictions_path}", highlight=False)
 
 
-@_command("eval", help="Loss and perplexity on assistant tokens; accuracy for label-set answers (OCNLI).")
+@_command("eval", help="Loss and perplexity on assistant tokens; accuracy for label-set answers (OCNLI); "
+                       "preference accuracy and margin on a file of pairs.")
 def eval_command(
     model: str = typer.Argument(..., help="Model folder (or a LoRA run's output folder)."),
-    data: str = typer.Option(..., "--data", help="Dev file in the messages format (JSON or JSONL)."),
+    data: str = typer.Option(..., "--data", help="Dev file in the messages or pairs format (JSON or JSONL)."),
     adapter: str = _ADAPTER,
     output: str = typer.Option(None, "-o", "--output",
                                help="Predictions JSONL (default: eval_<data>.jsonl in the adapter/model folder)."),
@@ -472,6 +473,9 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch_size", help="Samples per forward pass."),
     template: str = _TEMPLATE,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    ref_model: str = typer.Option(None, "--ref_model", help="Pairs: the reference model folder (default: a LoRA "
+                                                            "adapter disabled, or the base the run started from)."),
+    beta: float = typer.Option(None, "--beta", help="Pairs: beta of the rewards (default: the run's, else 0.1)."),
     trust_remote_code: bool = _TRUST,
 ) -> None:
     import json
@@ -479,12 +483,16 @@ def eval_command(
     from rich.progress import Progress
 
     from minicpm_data.io import read_conversations
-    from minicpm_data.validate import require_valid
+    from minicpm_data.validate import file_kind, require_valid
     from minicpm_train.evaluate import check_predictions_path, evaluate, write_predictions
     from minicpm_train.inference import training_options
 
     if output:
         check_predictions_path(output)
+    if file_kind(data) == "pairs":
+        _eval_pairs(model, data, adapter, output, ref_model, beta, max_length, batch_size, template, as_json,
+                    trust_remote_code)
+        return
     require_valid(data)  # the whole file, as run checks it, before the model loads
     label_set = labels if labels in ("auto", "none") else [x.strip() for x in labels.split(",") if x.strip()]
     records = list(read_conversations(data))
@@ -510,6 +518,52 @@ def eval_command(
         print(json.dumps({**result.metrics(), "predictions": str(path)}, indent=2, ensure_ascii=False))
     else:
         _show_eval(result, path)
+
+
+def _eval_pairs(model, data, adapter, output, ref_model, beta, max_length, batch_size, template, as_json,
+                trust_remote_code) -> None:
+    """``eval`` on a file of preference pairs: reward accuracy and margin against the reference, and the
+    model's own log-probability ranking (see minicpm_train.evaluate.PairEvalResult)."""
+    import json
+
+    from minicpm_data.io import read_examples
+    from minicpm_data.validate import require_valid
+    from minicpm_train.evaluate import evaluate_pairs, write_predictions
+    from minicpm_train.inference import load_model, training_options
+
+    require_valid(data, kind="pairs")
+    pairs = list(read_examples(data, "pairs"))
+    loaded = _load_for_inference(model, adapter, trust_remote_code)
+    trained = training_options(loaded)
+    reference, reference_name = None, "the model with its LoRA adapter disabled"
+    if ref_model is None and loaded.adapter is None and trained.get("model_name_or_path") not in (None, str(loaded.base)):
+        ref_model = trained["model_name_or_path"]  # a full fine-tuning's output: the model it started from
+    if ref_model is not None:
+        with err_console.status(f"loading the reference {ref_model}"), _quiet_loading():
+            reference = load_model(ref_model, trust_remote_code=trust_remote_code).model
+        reference_name = str(ref_model)
+    elif loaded.adapter is None:
+        reference_name = "the model itself (no adapter, no --ref_model): every reward is 0"
+    beta = beta or trained.get("beta") or 0.1
+    with err_console.status("scoring pairs"):
+        result = evaluate_pairs(loaded.model, loaded.tokenizer, pairs, reference=reference,
+                                reference_name=reference_name, beta=beta,
+                                template=template or trained.get("template"),
+                                max_length=max_length or trained.get("model_max_length"), batch_size=batch_size)
+    folder = loaded.adapter or loaded.base
+    path = write_predictions(result, output or folder / f"eval_{Path(data).stem}.jsonl")
+    metrics = result.metrics()
+    if as_json:
+        print(json.dumps({**metrics, "predictions": str(path)}, indent=2, ensure_ascii=False))
+        return
+    dropped = ", ".join(f"{reason} {count}" for reason, count in metrics["dropped"].items())
+    console.print(f"{metrics['pairs']} pairs, {metrics['scored']} scored{f' ({dropped} not)' if dropped else ''}; "
+                  f"reference: {metrics['reference']}; beta {beta:g}", highlight=False)
+    console.print(f"reward accuracy {metrics['accuracy']:.1%}, margin {metrics['margin']:.4f} (chosen "
+                  f"{metrics['chosen_reward']:.4f}, rejected {metrics['rejected_reward']:.4f}); log-probability "
+                  f"ranking: model {metrics['logp_accuracy']:.1%}, reference {metrics['reference_logp_accuracy']:.1%}",
+                  highlight=False)
+    console.print(f"predictions: {path}", highlight=False)
 
 
 @_command("export", help="Write a model folder (merged or fully fine-tuned) as GGUF for llama.cpp, Ollama and LM "

@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -75,6 +76,9 @@ class DataSummary:
     weight: float = 1.0  # how many times each used sample is seen per epoch
     epoch_samples: int = 0  # samples per epoch after weighting
     files: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "messages"  # what a sample is: a conversation, a preference pair (both sides), a KTO row
+    dropped: dict[str, int] = field(default_factory=dict)  # pairs: reason -> pairs not trained
+    desirable: int | None = None  # KTO: rows labelled desirable among those used
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,9 +86,17 @@ class DataSummary:
     def describe(self) -> str:
         """The one-line report of the run's data section."""
         weighted = f", weight {self.weight:g} ({self.epoch_samples} per epoch)" if self.weight != 1 else ""
-        return (f"data {self.path}: {self.used} samples used, {self.dropped_no_trained_tokens} dropped "
-                f"(no trained token left), {self.truncated} truncated, {self.tokens} tokens "
-                f"({self.trained_tokens} trained){weighted}{' [cached]' if self.from_cache else ''}")
+        if self.kind == "pairs":
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.dropped.items()))
+            used = (f"{self.used} pairs used, {sum(self.dropped.values())} dropped"
+                    f"{f' ({reasons})' if reasons else ''}, {self.truncated} with a side truncated")
+        else:
+            labels = (f" ({self.desirable} desirable, {self.used - self.desirable} undesirable)"
+                      if self.desirable is not None else "")
+            used = (f"{self.used} samples used{labels}, {self.dropped_no_trained_tokens} dropped (no trained token "
+                    f"left), {self.truncated} truncated")
+        return (f"data {self.path}: {used}, {self.tokens} tokens ({self.trained_tokens} trained)"
+                f"{weighted}{' [cached]' if self.from_cache else ''}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,80 @@ class MixedDataset:
         return np.concatenate([part.lengths for part in self.parts])[self.picks]
 
 
+class PairDataset:
+    """Preference pairs: the cache holds each pair's chosen side, then its rejected side. A row is
+    ``chosen_input_ids`` / ``chosen_labels`` / ``rejected_input_ids`` / ``rejected_labels`` (+ ``ref_logps``:
+    the reference's log-probabilities of both sides, once computed)."""
+
+    def __init__(self, samples: SupervisedDataset, folder: Path | None = None):
+        self.samples, self.folder = samples, folder
+        self.reference: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples) // 2
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = _row(index, len(self))
+        chosen, rejected = self.samples[2 * index], self.samples[2 * index + 1]
+        row = {"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
+               "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
+        if self.reference is not None:
+            row["ref_logps"] = self.reference[index]
+        return row
+
+    @property
+    def lengths(self) -> "np.ndarray":
+        return self.samples.lengths.reshape(-1, 2).sum(axis=1)
+
+
+class LabeledDataset:
+    """KTO rows: ``input_ids`` / ``labels``, ``desirable``, and the mismatched sequence its KL term uses
+    (``kl_input_ids`` / ``kl_labels``: this row's prompt with the previous row's answer, cut to ``max_length``)."""
+
+    def __init__(self, samples: SupervisedDataset, desirable: "np.ndarray", max_length: int, folder: Path | None = None):
+        self.samples, self.desirable, self.max_length, self.folder = samples, desirable, max_length, folder
+        self.reference: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        index = _row(index, len(self))
+        row, other = self.samples[index], self.samples[index - 1]
+        prompt = _prompt_length(row["labels"])
+        answer = _prompt_length(other["labels"])
+        item = {"input_ids": row["input_ids"], "labels": row["labels"], "desirable": bool(self.desirable[index]),
+                "kl_input_ids": np.concatenate([row["input_ids"][:prompt], other["input_ids"][answer:]])[:self.max_length],
+                "kl_labels": np.concatenate([row["labels"][:prompt], other["labels"][answer:]])[:self.max_length]}
+        if self.reference is not None:
+            item["ref_logps"] = self.reference[index]
+        return item
+
+    @property
+    def lengths(self) -> "np.ndarray":
+        return self.samples.lengths
+
+
+def _prompt_length(labels: "np.ndarray") -> int:
+    """Tokens before the first trained one."""
+    import numpy as np
+
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    return int(trained[0]) if len(trained) else len(labels)
+
+
+def preference_dataset(samples: SupervisedDataset, summary, folder: Path):
+    """The dataset of a cache folder of pairs or KTO rows (``summary.kind``)."""
+    import numpy as np
+
+    if summary.kind == "pairs":
+        return PairDataset(samples, folder)
+    desirable = np.memmap(folder / "desirable.bin", dtype=bool, mode="r").view(np.ndarray)
+    return LabeledDataset(samples, desirable, summary.max_length, folder)
+
+
 # --- files, weights -----------------------------------------------------------------------------------
 
 
@@ -253,6 +339,10 @@ def load_data(spec: str, tokenizer, *, max_length: int, cache_dir: str | Path | 
     total = DataSummary(path=spec, max_length=max_length, from_cache=all(s.from_cache for s in summaries),
                         files=[s.to_dict() for s in summaries],
                         **{name: sum(getattr(s, name) for s in summaries) for name in counted})
+    total.kind = summaries[0].kind
+    total.dropped = dict(sum((Counter(s.dropped) for s in summaries), Counter()))
+    if total.kind == "kto":
+        total.desirable = sum(s.desirable or 0 for s in summaries)
     return loaded, total
 
 
@@ -280,10 +370,11 @@ def named_sets(loaded: list[tuple[Any, DataSummary]]) -> dict[str, Any]:
 def load_supervised(path: str | Path, tokenizer, *, template: str | None = None, max_length: int,
                     truncation: str = "right", render_options: Mapping[str, Any] | None = None,
                     cache_dir: str | Path | None = None, local_main: bool = True,
-                    on_progress: Progress | None = None) -> tuple[SupervisedDataset, DataSummary]:
+                    on_progress: Progress | None = None, kind: str = "messages") -> tuple[SupervisedDataset, DataSummary]:
     """Validate and render one data file into the cache (or map the cache another process wrote).
 
     ``render_options``: further keyword options of the renderer (part of the cache key).
+    ``kind``: what the file holds and the run trains on: "messages" (SFT), "pairs" (DPO) or "kto".
     ``local_main``: this is the node's local main process (it takes the lock first; others wait and map).
     ``on_progress``: called while rendering, after each batch.
     """
@@ -299,7 +390,7 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
     folder = Path(cache_dir or default_cache_dir())
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / cache_key(path, tokenizer, template=template, max_length=max_length, truncation=truncation,
-                                render_options=render_options)
+                                render_options=render_options, kind=kind)
     if target.is_dir():
         try:
             return _open_cache(target)
@@ -326,7 +417,7 @@ def load_supervised(path: str | Path, tokenizer, *, template: str | None = None,
         for stale in folder.glob(f"{target.name}.tmp-*"):  # left by a killed run, or damaged
             shutil.rmtree(stale, ignore_errors=True)
         _render_into(target, path, tokenizer, template=template, max_length=max_length, truncation=truncation,
-                     render_options=render_options, on_progress=on_progress)
+                     render_options=render_options, on_progress=on_progress, kind=kind)
     dataset, summary = _open_cache(target)
     summary.from_cache, summary.notes = False, notes
     return dataset, summary
@@ -367,11 +458,11 @@ def _renderer_fingerprint() -> str:
 
 
 def cache_key(path: Path, tokenizer, *, template: str, max_length: int, truncation: str,
-              render_options: Mapping[str, Any] | None = None) -> str:
+              render_options: Mapping[str, Any] | None = None, kind: str = "messages") -> str:
     """The cache folder name of one file rendered one way."""
     parts = [f"format {CACHE_FORMAT}", file_sha256(path), tokenizer_fingerprint(tokenizer), template,
              str(max_length), truncation, json.dumps(dict(render_options or {}), sort_keys=True, default=str),
-             _renderer_fingerprint()]
+             _renderer_fingerprint()] + ([f"kind {kind}"] if kind != "messages" else [])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -399,15 +490,16 @@ def count_records(path: Path) -> int | None:
     return count or None
 
 
-def _conversations(path: Path, problems: list) -> Iterator:
-    """The file's valid conversations, validated as they stream; after the first problem, validation goes
-    on (to report every problem) but nothing more is rendered."""
-    from minicpm_data.conversation import Conversation
+def _conversations(path: Path, problems: list, kind: str = "messages") -> Iterator:
+    """The file's valid records (conversations, pairs or KTO rows, as ``kind`` says), validated as they
+    stream; after the first problem, validation goes on (to report every problem) but nothing more is rendered."""
+    from minicpm_data.conversation import RECORD_TYPES
     from minicpm_data.validate import valid_records
 
-    for raw in valid_records(path, problems):
+    record_type = RECORD_TYPES[kind]
+    for raw in valid_records(path, problems, kind):
         if not problems:
-            yield Conversation.from_record(raw.data)
+            yield record_type.from_record(raw.data)
 
 
 class _CacheWriter:
@@ -455,22 +547,108 @@ class _CacheWriter:
             os.fsync(handle.fileno())
             handle.close()
 
+    def summary(self, path: Path, max_length: int) -> DataSummary:
+        return DataSummary(path=str(path), records=self.records, used=self.used,
+                           dropped_no_trained_tokens=self.records - self.used, truncated=self.truncated,
+                           tokens=self.tokens, trained_tokens=self.trained_tokens, max_length=max_length)
+
+
+class _PairWriter(_CacheWriter):
+    """Writes each trainable pair as two samples, chosen then rejected; counts pairs, and dropped ones by reason."""
+
+    def __init__(self, folder: Path, dtype: str):
+        super().__init__(folder, dtype)
+        self.dropped: Counter = Counter()
+
+    def add(self, pair) -> None:
+        if pair.problem is not None:
+            self.records += 1
+            self.dropped[pair.problem] += 1
+            return
+        self.truncated -= pair.chosen.truncated and pair.rejected.truncated  # a pair counts once
+        for side in (pair.chosen, pair.rejected):
+            super().add(side)
+        self.records -= 1
+
+    def summary(self, path: Path, max_length: int) -> DataSummary:
+        return DataSummary(path=str(path), records=self.records, used=self.used // 2, dropped_no_trained_tokens=0,
+                           truncated=self.truncated, tokens=self.tokens, trained_tokens=self.trained_tokens,
+                           max_length=max_length, kind="pairs", dropped=dict(self.dropped))
+
+
+class _LabeledWriter(_CacheWriter):
+    """Also writes each used sample's label (KTO: desirable or not) to ``desirable.bin``."""
+
+    def __init__(self, folder: Path, dtype: str):
+        super().__init__(folder, dtype)
+        self.flags_file = (folder / "desirable.bin").open("wb")
+        self.flags: list[bool] = []
+        self.desirable = 0
+
+    def add(self, sample_and_label) -> None:
+        sample, label = sample_and_label
+        if sample.trainable:
+            self.flags.append(label)
+        super().add(sample)
+
+    def flush(self) -> None:
+        import numpy as np
+
+        np.asarray(self.flags, dtype=bool).tofile(self.flags_file)
+        self.desirable += sum(self.flags)
+        self.flags.clear()
+        super().flush()
+
+    def close(self) -> None:
+        self.flags_file.close()
+        super().close()
+
+    def summary(self, path: Path, max_length: int) -> DataSummary:
+        summary = super().summary(path, max_length)
+        summary.kind, summary.desirable = "kto", self.desirable
+        return summary
+
+
+def _render_stream(kind: str, path: Path, problems: list, tokenizer, **options) -> Iterator:
+    """What the writer of ``kind`` takes, in file order: rendered samples, pairs, or (sample, label)."""
+    from collections import deque
+
+    from minicpm_data.render import render_pairs, render_stream
+
+    records = _conversations(path, problems, kind)
+    if kind == "pairs":
+        options.pop("train_on", None)
+        return render_pairs(records, tokenizer, **options)
+    if kind == "messages":
+        return render_stream(records, tokenizer, **options)
+    labels: deque = deque()  # the renderer reads ahead in batches; labels come out in the same order
+
+    def remembered():
+        for row in records:
+            labels.append(row.label)
+            yield row
+
+    return ((sample, labels.popleft()) for sample in render_stream(remembered(), tokenizer, **{**options, "train_on": "last"}))
+
+
+_WRITERS = {"messages": _CacheWriter, "pairs": _PairWriter, "kto": _LabeledWriter}
+
 
 def _render_into(target: Path, path: Path, tokenizer, *, template: str, max_length: int, truncation: str,
-                 render_options: dict[str, Any], on_progress: Progress | None) -> None:
+                 render_options: dict[str, Any], on_progress: Progress | None, kind: str = "messages") -> None:
     """Render ``path`` into a temporary folder beside ``target`` and rename it into place when complete."""
-    from minicpm_data.render import gc_paused, render_stream
+    from minicpm_data.render import gc_paused
     from minicpm_data.validate import raise_for_problems
 
     partial = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:12]}")
     partial.mkdir()
     try:
-        writer = _CacheWriter(partial, id_dtype(len(tokenizer)))
+        writer = _WRITERS[kind](partial, id_dtype(len(tokenizer)))
         problems: list = []
         total = count_records(path) if on_progress else None
         with gc_paused():
-            for sample in render_stream(_conversations(path, problems), tokenizer, template=template,
-                                        max_length=max_length, truncation=truncation, **render_options):
+            for sample in _render_stream(kind, path, problems, tokenizer, template=template, max_length=max_length,
+                                         truncation=truncation, **render_options):
                 writer.add(sample)
                 if on_progress is not None and writer.records % _PROGRESS_EVERY == 0:
                     on_progress(RenderProgress(str(path), writer.records, writer.tokens, total))
@@ -479,12 +657,14 @@ def _render_into(target: Path, path: Path, tokenizer, *, template: str, max_leng
         if on_progress is not None:
             on_progress(RenderProgress(str(path), writer.records, writer.tokens, writer.records, finished=True))
         raise_for_problems(path, problems)
+        summary = writer.summary(path, max_length)
+        if not writer.used and summary.dropped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary.dropped.items()))
+            raise DataError(f"{path}: none of {writer.records} pairs can be trained ({reasons}); see: "
+                            f"minicpm-data stats {path}")
         if not writer.used:
             raise DataError(f"{path}: none of {writer.records} samples has a trained token left at model_max_length "
                             f"{max_length}; raise --model_max_length (see: minicpm-data stats {path})")
-        summary = DataSummary(path=str(path), records=writer.records, used=writer.used,
-                              dropped_no_trained_tokens=writer.records - writer.used, truncated=writer.truncated,
-                              tokens=writer.tokens, trained_tokens=writer.trained_tokens, max_length=max_length)
         meta = {"format": CACHE_FORMAT, "dtype": writer.dtype, "summary": summary.to_dict()}
         with (partial / "meta.json").open("w") as handle:  # written last: the marker of a complete cache
             handle.write(json.dumps(meta, indent=1) + "\n")
@@ -517,8 +697,11 @@ def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
         raise CacheDamaged("meta.json, written last when the cache is complete, is missing") from None
     except (ValueError, KeyError, TypeError) as error:
         raise CacheDamaged(f"meta.json is unreadable: {error}") from None
-    for name, size in (("input_ids.bin", summary.tokens * itemsize), ("trained.bin", summary.tokens),
-                       ("lengths.bin", summary.used * 8)):
+    rows = summary.used * (2 if summary.kind == "pairs" else 1)  # a pair is two rows, chosen then rejected
+    sizes = [("input_ids.bin", summary.tokens * itemsize), ("trained.bin", summary.tokens), ("lengths.bin", rows * 8)]
+    if summary.kind == "kto":
+        sizes.append(("desirable.bin", summary.used))
+    for name, size in sizes:
         held = (target / name).stat().st_size if (target / name).is_file() else None
         if held != size:
             raise CacheDamaged(f"{name} is {'missing' if held is None else f'{held:,} bytes'}, {size:,} expected")
@@ -527,11 +710,14 @@ def _open_cache(target: Path) -> tuple[SupervisedDataset, DataSummary]:
     def mapped(name: str, dtype: str) -> "np.ndarray":
         return np.memmap(target / name, dtype=dtype, mode="r").view(np.ndarray)
 
-    offsets = np.zeros(summary.used + 1, dtype=np.int64)
+    offsets = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(mapped("lengths.bin", "int64"), out=offsets[1:])
     if offsets[-1] != summary.tokens:
         raise CacheDamaged(f"lengths.bin adds up to {int(offsets[-1]):,} tokens, {summary.tokens:,} expected")
-    return SupervisedDataset(mapped("input_ids.bin", meta["dtype"]), mapped("trained.bin", "bool"), offsets), summary
+    dataset = SupervisedDataset(mapped("input_ids.bin", meta["dtype"]), mapped("trained.bin", "bool"), offsets)
+    if summary.kind != "messages":
+        dataset = preference_dataset(dataset, summary, target)
+    return dataset, summary
 
 
 # --- batching -----------------------------------------------------------------------------------------

@@ -233,3 +233,119 @@ def write_predictions(result: EvalResult, path: str | Path) -> Path:
     path.with_suffix(".metrics.json").write_text(json.dumps(result.metrics(), indent=2, ensure_ascii=False) + "\n",
                                                  encoding="utf-8")
     return path
+
+
+# --- preference pairs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairPrediction:
+    """One held-out pair: summed log-probabilities of each answer's trained tokens under the model and the
+    reference, and the rewards ``beta * (model - reference)``."""
+
+    index: int
+    chosen_logp: float
+    rejected_logp: float
+    reference_chosen_logp: float
+    reference_rejected_logp: float
+    beta: float
+
+    @property
+    def chosen_reward(self) -> float:
+        return self.beta * (self.chosen_logp - self.reference_chosen_logp)
+
+    @property
+    def rejected_reward(self) -> float:
+        return self.beta * (self.rejected_logp - self.reference_rejected_logp)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "chosen_logp": self.chosen_logp, "rejected_logp": self.rejected_logp,
+                "reference_chosen_logp": self.reference_chosen_logp,
+                "reference_rejected_logp": self.reference_rejected_logp, "chosen_reward": self.chosen_reward,
+                "rejected_reward": self.rejected_reward, "correct": self.chosen_reward > self.rejected_reward}
+
+
+@dataclass
+class PairEvalResult:
+    """Preference metrics of a model on a file of pairs (see docs/preference-training.md):
+
+    - ``accuracy``: pairs whose chosen answer gets the higher reward (DPO's reward accuracy; a model equal to
+      its reference scores 0, not 0.5: both rewards are 0);
+    - ``margin``: the mean reward margin, chosen minus rejected;
+    - ``logp_accuracy``: pairs whose chosen answer the model alone finds more likely (summed log-probability;
+      no reference), and ``reference_logp_accuracy`` the same for the reference: the model's own ranking,
+      which training can raise or lower and which can be compared with chance (0.5).
+    """
+
+    pairs: int
+    dropped: dict[str, int]
+    reference: str
+    predictions: list[PairPrediction] = field(default_factory=list)
+
+    def metrics(self) -> dict:
+        p = self.predictions
+        count = max(len(p), 1)
+        return {"pairs": self.pairs, "scored": len(p), "dropped": self.dropped, "reference": self.reference,
+                "accuracy": sum(x.chosen_reward > x.rejected_reward for x in p) / count,
+                "margin": sum(x.chosen_reward - x.rejected_reward for x in p) / count,
+                "chosen_reward": sum(x.chosen_reward for x in p) / count,
+                "rejected_reward": sum(x.rejected_reward for x in p) / count,
+                "logp_accuracy": sum(x.chosen_logp > x.rejected_logp for x in p) / count,
+                "reference_logp_accuracy": sum(x.reference_chosen_logp > x.reference_rejected_logp for x in p) / count}
+
+
+def evaluate_pairs(model, tokenizer, pairs: Iterable[tuple[int, object]], *, reference=None, reference_name: str,
+                   beta: float = 0.1, template: str | None = None, max_length: int | None = None, batch_size: int = 8,
+                   progress: Callable[[str, int, int], None] | None = None) -> PairEvalResult:
+    """Score held-out pairs: the model's and the reference's log-probabilities of both answers.
+
+    ``reference``: a model, or None for ``model`` with its LoRA adapter disabled (or ``model`` itself when it
+    has none: every reward is then 0). Pairs the renderer cannot train (``RenderedPair.problem``) are counted
+    by reason and not scored.
+    """
+    import contextlib
+
+    import torch
+
+    from minicpm_data.render import render_pairs
+    from minicpm_data.tokenizer import pad_token_id
+    from minicpm_train.preference import PreferenceCollator, log_probs
+
+    indexed = list(pairs)
+    if not indexed:
+        raise EvaluationError("the dev file has no pairs")
+    rendered = list(render_pairs((pair for _, pair in indexed), tokenizer, template=template, max_length=max_length))
+    dropped: dict[str, int] = {}
+    for pair in rendered:
+        if pair.problem:
+            dropped[pair.problem] = dropped.get(pair.problem, 0) + 1
+    scored = [(index, pair) for (index, _), pair in zip(indexed, rendered) if pair.problem is None]
+    if not scored:
+        raise EvaluationError(f"no pair of the dev file can be scored ({dropped})")
+    collator = PreferenceCollator(pad_token_id(tokenizer))
+    device = next(model.parameters()).device
+    report = progress or (lambda stage, done, total: None)
+
+    def scores(scoring_model, batch) -> list[float]:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return log_probs(scoring_model, batch).logps.tolist()
+
+    result = PairEvalResult(len(indexed), dropped, reference_name)
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        batch = collator([{"chosen_input_ids": p.chosen.input_ids, "chosen_labels": p.chosen.labels,
+                           "rejected_input_ids": p.rejected.input_ids, "rejected_labels": p.rejected.labels}
+                          for _, p in chunk])
+        with torch.no_grad():
+            own = scores(model, batch)
+            if reference is not None:
+                theirs = scores(reference, batch)
+            else:
+                disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+                with disabled:
+                    theirs = scores(model, batch)
+        n = len(chunk)
+        for row, (index, _) in enumerate(chunk):
+            result.predictions.append(PairPrediction(index, own[row], own[n + row], theirs[row], theirs[n + row], beta))
+        report("pairs", min(start + batch_size, len(scored)), len(scored))
+    return result

@@ -137,40 +137,44 @@ def _chunk_loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross entropy of ``hidden @ weight.T + bias`` against ``targets``, chunk by chunk.
+    """Per-position cross entropy of ``hidden @ weight.T + bias`` against ``targets``, chunk by chunk.
 
-    Differentiable in ``hidden`` only: every gradient is computed in forward (one chunk of logits alive at
-    a time), the hidden states' kept for backward to scale; ``weight`` / ``bias`` are constants here and
-    their gradients come out as two more (non-differentiable) outputs when ``head_gradients`` is set.
+    Differentiable in ``hidden`` only: every position's gradient is computed in forward (one chunk of logits
+    alive at a time) and kept for backward, which scales each row by its loss's incoming gradient (all
+    equal for a summed loss; per sequence for a preference loss). ``weight`` / ``bias`` are constants here
+    and their gradients, for the sum of the losses (each times its ``row_weights`` entry, when given), come
+    out as two more (non-differentiable) outputs when ``head_gradients`` is set.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, head_gradients):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, head_gradients, row_weights=None):
         need_hidden = ctx.needs_input_grad[0]
         want_gradients = need_hidden or head_gradients
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if head_gradients else weight.new_empty(0)
         grad_bias = (torch.zeros_like(bias, dtype=torch.float32) if head_gradients and bias is not None
                      else weight.new_empty(0))
         for start in range(0, len(targets), chunk_size):
             part = slice(start, start + chunk_size)
-            losses, grad_logits = _chunk_loss_and_gradients(hidden[part], weight, bias, targets[part], want_gradients)
-            total += losses.sum()
+            losses[part], grad_logits = _chunk_loss_and_gradients(hidden[part], weight, bias, targets[part],
+                                                                  want_gradients)
             if need_hidden:
                 grad_hidden[part] = grad_logits @ weight.to(grad_logits.dtype)
             if head_gradients:
+                if row_weights is not None:
+                    grad_logits *= row_weights[part, None].to(grad_logits.dtype)
                 grad_weight += (grad_logits.t() @ hidden[part].to(grad_logits.dtype)).float()
                 if bias is not None:
                     grad_bias += grad_logits.float().sum(dim=0)
         ctx.save_for_backward(grad_hidden)
         ctx.mark_non_differentiable(grad_weight, grad_bias)
-        return total, grad_weight, grad_bias
+        return losses, grad_weight, grad_bias
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_weight, _grad_bias):
+    def backward(ctx, grad_losses, _grad_weight, _grad_bias):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden * grad_total).to(grad_hidden.dtype), None, None, None, None, None
+        return (grad_hidden * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None, None, None, None
 
 
 class _GradientInjection(torch.autograd.Function):
@@ -239,8 +243,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Linear, target
             return _fused_sum(kernel, hidden, head.weight, head.bias, targets).float()
         head_gradients = torch.is_grad_enabled() and head.weight.requires_grad
         weight, bias = head.weight.detach(), head.bias.detach() if head.bias is not None else None
-        total, grad_weight, grad_bias = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size,
-                                                                         head_gradients)
+        losses, grad_weight, grad_bias = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size,
+                                                                          head_gradients)
+    total = losses.sum()
     return total + _through_head(head, grad_weight, grad_bias) if head_gradients else total
 
 
@@ -289,6 +294,65 @@ def per_sample_losses(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=losses.device).index_add_(0, rows, losses)
     counts = torch.bincount(rows, minlength=labels.shape[0])
     return sums, counts
+
+
+class SequenceLogProbs:
+    """Each sequence's summed log-probability of its trained tokens (``logps``, differentiable in the hidden
+    states) and how many trained tokens it has (``counts``): what preference losses are made of.
+
+    lm_head's own gradient, when it is trained, cannot be computed before the loss over the sequences is
+    known; :meth:`with_head_gradients` adds it (a second pass through lm_head, chunk by chunk).
+    """
+
+    def __init__(self, logps: torch.Tensor, counts: torch.Tensor, token_losses: torch.Tensor | None = None,
+                 head_inputs: tuple | None = None):
+        self.logps, self.counts = logps, counts
+        self._token_losses, self._head_inputs = token_losses, head_inputs
+
+    def with_head_gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss``, plus a zero that carries lm_head's gradient of ``loss`` when lm_head is trained."""
+        if self._head_inputs is None:
+            return loss
+        head, hidden, targets, chunk_size = self._head_inputs
+        (row_weights,) = torch.autograd.grad(loss, self._token_losses, retain_graph=True)
+        with _gathered(head):
+            weight, bias = head.weight.detach(), head.bias.detach() if head.bias is not None else None
+            _, grad_weight, grad_bias = _ChunkedLinearCrossEntropy.apply(hidden.detach(), weight, bias, targets,
+                                                                         chunk_size, True, row_weights)
+        return loss + _through_head(head, grad_weight, grad_bias)
+
+
+def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
+                       sequence_ids: torch.Tensor | None = None, *, sequences: int | None = None,
+                       chunk_size: int = CHUNK_SIZE) -> SequenceLogProbs:
+    """``sum log p(label)`` over each sequence's trained tokens, from the tensor entering ``lm_head``.
+
+    Every row of ``labels`` is one sequence, unless ``sequence_ids`` (same shape; packed rows hold several)
+    numbers the sequence each position belongs to, with ``sequences`` of them. Gradients reach the hidden
+    states per sequence (see :class:`_ChunkedLinearCrossEntropy`); lm_head's through
+    :meth:`SequenceLogProbs.with_head_gradients`.
+    """
+    selected, targets, where = trained_positions(hidden, labels)
+    if sequence_ids is None:
+        owners, sequences = where // labels.shape[-1], labels.shape[0]
+    else:
+        shifted = torch.nn.functional.pad(sequence_ids, (0, 1), value=-1)[..., 1:].reshape(-1)
+        owners = shifted.to(where.device).index_select(0, where)
+    with _gathered(head):
+        weight, bias = head.weight.detach(), head.bias.detach() if head.bias is not None else None
+        token_losses, _, _ = _ChunkedLinearCrossEntropy.apply(selected, weight, bias, targets, chunk_size, False)
+    head_trains = torch.is_grad_enabled() and head.weight.requires_grad and token_losses.requires_grad
+    return per_sequence(token_losses, owners, sequences, head_inputs=(head, selected, targets, chunk_size)
+                        if head_trains else None)
+
+
+def per_sequence(token_losses: torch.Tensor, owners: torch.Tensor, sequences: int, *,
+                 head_inputs: tuple | None = None) -> SequenceLogProbs:
+    """:class:`SequenceLogProbs` from each trained token's loss (``-log p``) and the sequence it belongs to."""
+    logps = -torch.zeros(sequences, dtype=torch.float32, device=token_losses.device).index_add(
+        0, owners.to(token_losses.device), token_losses.float())
+    counts = torch.bincount(owners, minlength=sequences).to(token_losses.device)
+    return SequenceLogProbs(logps, counts, token_losses, head_inputs)
 
 
 class ChunkedLossTrainerMixin:

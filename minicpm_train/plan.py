@@ -154,6 +154,12 @@ class PlanSettings:
     optimizer: str = "adamw_torch"
     loss_impl: str = "auto"  # auto | chunked | fused | full
     pad_to_max: bool = False  # OpenBMB's reference trainer: every sample padded to model_max_length
+    stage: str = "sft"  # sft | dpo | kto (minicpm_train.preference)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in one forward with gradients: a DPO micro batch of pairs holds both sides of each."""
+        return self.micro_batch * (2 if self.stage == "dpo" else 1)
 
     def flags(self) -> list[str]:
         """The ``run`` flags that reproduce these settings (for suggestions)."""
@@ -167,6 +173,8 @@ class PlanSettings:
             flags.append("--qlora")
         if self.deepspeed:
             flags += ["--deepspeed", self.deepspeed.name]
+        if self.stage != "sft":
+            flags += ["--stage", self.stage]
         return flags
 
 
@@ -237,7 +245,7 @@ def activation_elements_per_token(arch: Architecture, lora_targets: list[str], l
 def logits_bytes(arch: Architecture, settings: PlanSettings) -> tuple[int, str]:
     """Peak bytes of the logits and the loss over them, and what that assumes."""
     c = 4 if settings.precision == "fp32" else 2
-    tokens = settings.micro_batch * settings.max_length
+    tokens = settings.sequences * settings.max_length
     if settings.pad_to_max:
         return tokens * arch.vocab_size * (c + 12), "the reference trainer's loss: logits, their fp32 upcast, a " \
                                                     "shifted fp32 copy and the fp32 log-softmax"
@@ -338,8 +346,10 @@ def estimate(arch: Architecture, settings: PlanSettings) -> MemoryEstimate:
         notes.append(f"nf4 with double quantisation: {NF4_DOUBLE_QUANT_BITS:.3f} bits per layer weight; "
                      "embedding, lm_head and norms stay in fp32 after k-bit preparation")
 
-    tokens = settings.micro_batch * settings.max_length
+    tokens = settings.sequences * settings.max_length
     per_layer = activation_elements_per_token(arch, targets, settings.lora_r)
+    if settings.stage != "sft":
+        notes.append(_preference_note(settings))
     logits, loss_layout = logits_bytes(arch, settings)
     kept = tokens * (arch.num_layers * (arch.hidden_size if settings.gradient_checkpointing else per_layer)
                      + 2 * arch.hidden_size) * c
@@ -354,6 +364,18 @@ def estimate(arch: Architecture, settings: PlanSettings) -> MemoryEstimate:
                   + ZERO3_GATHER_RESERVE_FRACTION * gathered)
     return MemoryEstimate(params, trainable, weights, trainable_weights, gradients, optimizer, activations, live,
                           buffers, context, reserve, cpu, zero, notes)
+
+
+def _preference_note(settings: PlanSettings) -> str:
+    """What a preference run adds: both sides of a pair per forward, and where the reference comes from."""
+    sides = (f"DPO: each of the {settings.micro_batch} pairs of a micro batch is two sequences (chosen and rejected) "
+             "in one forward" if settings.stage == "dpo" else
+             "KTO: each row's mismatched sequence (its KL term) goes through a forward without gradients")
+    reference = ("the reference is this model with its adapter disabled: a forward without gradients each step, "
+                 "no stored activations and no second copy" if settings.method != "full" else
+                 "the reference log-probabilities are computed once before training (a pass over the data, "
+                 "no second copy kept)")
+    return f"{sides}; {reference}"
 
 
 # --- verdict and suggestions -------------------------------------------------------------------------
@@ -460,7 +482,8 @@ def memory_terms(e: MemoryEstimate, s: PlanSettings) -> list[Term]:
         Term("trainable_weights", "trainable parameters", e.trainable_weights, share + where),
         Term("gradients", "gradients", e.gradients, gradients),
         Term("optimizer", "optimizer states", e.optimizer, optimizer),
-        Term("activations", "activations", e.activations, f"saved for backward at micro batch {s.micro_batch} x "
+        Term("activations", "activations", e.activations, f"saved for backward at micro batch {s.micro_batch}"
+                                                          f"{' pairs (2 sequences each)' if s.stage == 'dpo' else ''} x "
                                                           f"{s.max_length} tokens, incl. the loss's logits"),
         Term("live_parameters", "ZeRO-3 live parameters", e.live_parameters, live),
         Term("buffers", "DeepSpeed buffers", e.buffers, buffers),
@@ -594,6 +617,7 @@ def settings_from_run(run, arch: Architecture, *, gpus: int, pad_to_max: bool = 
         optimizer=str(training.get("optim", "adamw_torch")),
         loss_impl=options.loss_impl,
         pad_to_max=pad_to_max,
+        stage=options.stage,
     )
 
 

@@ -143,11 +143,14 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     from minicpm_train.data import PackingCollator, PaddingCollator, load_data, mix, named_sets, pack, trainer_class
 
     render_progress = next((c.render_progress for c in callbacks if hasattr(c, "render_progress")), None)
+    preference = options.stage != "sft"  # dpo: pairs; kto: labelled answers (minicpm_train.preference)
+    kind = {"sft": "messages", "dpo": "pairs", "kto": "kto"}[options.stage]
 
     def load(spec: str) -> tuple[list, DataSummary]:
         files, summary = load_data(spec, tokenizer, template=options.template, max_length=options.model_max_length,
-                                   truncation=options.truncation, render_options={"train_on": options.train_on},
-                                   cache_dir=options.data_cache_dir,
+                                   truncation=options.truncation,
+                                   render_options={} if preference else {"train_on": options.train_on},
+                                   cache_dir=options.data_cache_dir, kind=kind,
                                    local_main=os.environ.get("LOCAL_RANK", "0") == "0", on_progress=render_progress)
         for line in [file_summary.describe() for _, file_summary in files] + [summary.describe()] * (len(files) > 1):
             report(line)
@@ -158,12 +161,17 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     train_files, train_summary = load(options.train_data_path)
     eval_files, eval_summary = load(options.eval_data_path) if options.eval_data_path else ([], None)
     train_set, eval_sets = mix(train_files), named_sets(eval_files)  # several eval files: a loss for each
-    if options.packing:
+    if options.packing and not preference:  # preference batches pack in the collator: a pair's sides stay together
         train_set = pack(train_set, options.model_max_length)
         eval_sets = {name: pack(dataset, options.model_max_length) for name, dataset in eval_sets.items()}
         report(f"packing: {train_summary.epoch_samples} samples into {len(train_set)} rows")
     eval_set = eval_sets if len(eval_sets) > 1 else next(iter(eval_sets.values()), None)
     collator = (PackingCollator if options.packing else PaddingCollator)(pad_id)
+    if preference:
+        from minicpm_train.preference import PreferenceCollator, PreferenceSettings
+
+        collator = PreferenceCollator(pad_id, packing=options.packing)
+        settings = PreferenceSettings.of(options)
 
     # 3. Model: full, LoRA, or QLoRA (4-bit base + LoRA). Seeded first: LoRA's initial weights are drawn here,
     #    before the Trainer would seed, and --seed must decide them.
@@ -200,7 +208,8 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     run.notices.append(loss.notice)
     report(loss.notice)
 
-    training.setdefault("train_sampling_strategy", "sequential" if options.packing else "group_by_length")
+    training.setdefault("train_sampling_strategy",
+                        "sequential" if options.packing and not preference else "group_by_length")
     training.setdefault("include_num_input_tokens_seen", "all" if options.packing else "non_padding")
     training.setdefault("remove_unused_columns", False)
     training.setdefault("logging_nan_inf_filter", False)  # a logged loss never averages a NaN away
@@ -218,9 +227,27 @@ def train(run: ResolvedRun, *, report: Report = lambda message: None, callbacks:
     guard = LossGuard(train_summary.trained_tokens)  # garbage loss: an error, no save
     saved = CheckpointFiles(options.model_name_or_path, record)
     stale = [ResumeGuard(resume)] if resume and not options.force_resume else []
-    trainer = make_trainer(loss, trainer_class(), model=model, args=args, train_dataset=train_set,
-                           eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
-                           callbacks=[guard, *stale, saved, *callbacks, memory])
+    trainer_kwargs = dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          data_collator=collator, processing_class=tokenizer,
+                          callbacks=[guard, *stale, saved, *callbacks, memory])
+    if not preference:
+        trainer = make_trainer(loss, trainer_class(), **trainer_kwargs)
+    else:
+        # 4b. Preference stages: the reference is the base with the adapter disabled (LoRA / QLoRA), or its
+        #     log-probabilities computed once now, before the first step, and kept in each file's cache folder.
+        from minicpm_train.preference import disable_dropout, make_preference_trainer, prepare_reference
+
+        if disable_dropout(model):
+            run.notices.append("dropout off for preference training (as TRL): the model's and the reference's "
+                               "log-probabilities must differ by training only")
+            report(run.notices[-1])
+        if loss.impl == "fused":
+            run.notices.append("loss: preference stages take log-probabilities chunk by chunk (no fused kernel)")
+            report(run.notices[-1])
+        for line in prepare_reference(run, model, collator, train_files + eval_files, args, precision=precision,
+                                      full_logits=loss.impl == "full"):
+            report(line)
+        trainer = make_preference_trainer(settings, trainer_class(), full_logits=loss.impl == "full", **trainer_kwargs)
     guard.watch(trainer)
     if callbacks:
         trainer.remove_callback(PrinterCallback)
@@ -265,13 +292,20 @@ def _write_outputs(output_dir: Path, record: dict, metrics: dict, train_summary:
 
 
 def plot_loss_curve(log_history: list[dict], target: Path) -> None:
-    """Train and eval loss against the optimizer step, as a PNG."""
+    """Train and eval loss against the optimizer step, as a PNG; for preference runs also the rewards of
+    the chosen and rejected answers, their margin and the reward accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    if any("rewards/chosen" in entry or "rewards/margins" in entry for entry in log_history):
+        from minicpm_train.preference import plot_rewards
+
+        figure, (axes, rewards) = plt.subplots(1, 2, figsize=(13, 4))
+        plot_rewards(log_history, rewards)
+    else:
+        figure, axes = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("eval_loss", "eval")):
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
         if points:

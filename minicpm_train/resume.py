@@ -95,6 +95,8 @@ class RunIdentity:
         said = []
         if saved.get("model_name_or_path") != self.options["model_name_or_path"]:
             said.append(f"it trained another model ({saved.get('model_name_or_path')})")
+        if saved.get("stage", "sft") != self.options.get("stage", "sft"):
+            said.append(f"it trained --stage {saved.get('stage', 'sft')}")
         if saved.get("qlora", False) != self.options["qlora"]:
             said.append(f"it trained {'with' if saved.get('qlora') else 'without'} --qlora")
         if "data" in record and [d[1:] for d in record["data"]] != [d[1:] for d in self.data]:

@@ -22,15 +22,22 @@ RUNS = [
     ("llamafactory_v1.jsonl", ConvertOptions()),
     ("openai_parts.jsonl", ConvertOptions()),
     ("prompt_completion.jsonl", ConvertOptions()),
+    ("trl_kto.jsonl", ConvertOptions(source="prompt-completion")),  # labelled rows as SFT: auto reads them as trl-kto
     ("llamafactory_v1.jsonl", ConvertOptions(reasoning="think", tool_turns="drop")),
     ("qa.json", ConvertOptions(user_col="question", assistant_col="answer")),
     ("mllm.json", ConvertOptions()),
     ("mllm.json", ConvertOptions(media="drop")),
+    # Preference data (hostile records included): every source by auto detection, and an SFT source refusing pairs.
+    *((name, ConvertOptions()) for name in ("dpo_sharegpt.json", "alpaca_pairs.json", "hh.jsonl", "ultrafeedback.jsonl",
+                                            "trl_preference.jsonl", "llamafactory_v1_dpo.jsonl", "orca_pairs.jsonl",
+                                            "kto.json", "kto_alpaca.json", "trl_kto.jsonl")),
+    ("dpo_sharegpt.json", ConvertOptions(source="sharegpt")),
 ]
 
 
 def _rejects(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The rejects file's records; none when there is no file (convert writes one only when it rejected a record)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
 @pytest.mark.parametrize("name, options", RUNS)
@@ -38,11 +45,12 @@ def test_nothing_is_lost(fixtures_dir, tmp_path, name, options):
     source = fixtures_dir / "raw" / name
     summary = convert_files([source], tmp_path / "out.json", options=options)
     rejects = _rejects(tmp_path / "out.rejects.jsonl")
-    written = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    written = json.loads((tmp_path / "out.json").read_text(encoding="utf-8")) if summary.output else []
     assert summary.read == summary.written + summary.rejected
+    assert (tmp_path / "out.rejects.jsonl").is_file() == bool(summary.rejected)
     assert (len(written), len(rejects)) == (summary.written, summary.rejected)
     assert sum(summary.rejects.values()) == summary.rejected
-    assert validate_file(tmp_path / "out.json") == []
+    assert not summary.output or validate_file(tmp_path / "out.json") == []
     originals = json.loads(source.read_text()) if name.endswith("sharegpt.json") else None
     for reject in rejects:
         assert set(reject) == {"file", "index", "line", "reason", "detail", "record"}

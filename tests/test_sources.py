@@ -199,9 +199,8 @@ def test_llamafactory_v1_parts_weights_and_reasoning(fixtures_dir):
     ("openai_parts.jsonl", 2, "reasoning", "turn 1 carries reasoning; choose --reasoning drop or think"),
     ("openai_parts.jsonl", 5, "unsupported weight", "message 0 is a user turn marked as trained; only assistant turns are trained"),
     ("openai_parts.jsonl", 6, "unsupported weight", "message 1 train is 'no', not true or false"),
-    ("prompt_completion.jsonl", 4, "undesirable completion", "label is false: a completion to avoid, not to learn"),
-    ("prompt_completion.jsonl", 6, "malformed field", "prompt and completion must both be strings or both message lists"),
-    ("prompt_completion.jsonl", 7, "malformed field", "completion must hold the assistant's turn(s)"),
+    ("prompt_completion.jsonl", 4, "malformed field", "prompt and completion must both be strings or both message lists"),
+    ("prompt_completion.jsonl", 5, "malformed field", "completion must hold the assistant's turn(s)"),
 ])
 def test_new_shapes_reject_with_their_reason(fixtures_dir, name, index, reason, detail):
     source = make_source(detect_format(_records(fixtures_dir, name), name))
@@ -239,7 +238,11 @@ def test_prompt_completion_strings_system_and_conversational(fixtures_dir):
     assert _convert(source, records[1]) == [("system", "Answer in French."), ("user", "Hello"), ("assistant", "Bonjour")]
     assert _convert(source, records[2]) == [("system", "Be brief."), ("user", "What color is the sky?"),
                                             ("assistant", "It is blue.")]
-    assert _convert(source, records[5]) == [("user", "The sky is"), ("assistant", "blue.")]  # label true: kept
+    # Labelled rows (TRL's unpaired preference data; auto reads them as trl-kto): true kept, false rejected.
+    labelled = _records(fixtures_dir, "trl_kto.jsonl")
+    assert _convert(source, labelled[1]) == [("user", "The sky is"), ("assistant", "blue.")]
+    with pytest.raises(RecordRejected, match="^undesirable completion: label is false"):
+        source.convert(labelled[0])
 
 
 def test_json_records_map_keys_like_table_columns(fixtures_dir):

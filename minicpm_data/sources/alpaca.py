@@ -31,22 +31,33 @@ class Alpaca(Source):
 
     @staticmethod
     def matches(record: Mapping[str, Any]) -> bool:
-        return ("instruction" in record or "query" in record) and ("output" in record or "response" in record)
+        return (("instruction" in record or "query" in record) and ("output" in record or "response" in record)
+                and not is_answer_pair(record.get("output")))
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
-        prompt = text(field(record, "instruction", "query"), "instruction")
-        extra = optional_text(record, "input")
-        if extra and extra.strip().lower() not in NO_INPUT:
-            # Whitespace at the join is trimmed so the newline is the only separator.
-            prompt = f"{prompt.rstrip()}\n{extra.lstrip()}" if prompt.strip() else extra
-        system = optional_text(record, "system")
-        messages = [Message("system", system)] if system else []
-        messages += _history(record.get("history"))
-        messages += [Message("user", prompt), Message("assistant", text(field(record, "output", "response"), "output"))]
-        return Conversation(messages)
+        answer = Message("assistant", text(field(record, "output", "response"), "output"))
+        return Conversation([*alpaca_context(record), answer])
 
 
-def _history(history: Any) -> list[Message]:
+def is_answer_pair(output: Any) -> bool:
+    """Whether an Alpaca ``output`` is LLaMA-Factory's older ranking form, ``[chosen, rejected]``."""
+    return isinstance(output, list) and len(output) == 2
+
+
+def alpaca_context(record: Mapping[str, Any]) -> list[Message]:
+    """An Alpaca record's turns before its answer: ``system``, ``history``, then the instruction (+ input)."""
+    prompt = text(field(record, "instruction", "query"), "instruction")
+    extra = optional_text(record, "input")
+    if extra and extra.strip().lower() not in NO_INPUT:
+        # Whitespace at the join is trimmed so the newline is the only separator.
+        prompt = f"{prompt.rstrip()}\n{extra.lstrip()}" if prompt.strip() else extra
+    system = optional_text(record, "system")
+    messages = [Message("system", system)] if system else []
+    return [*messages, *history_messages(record.get("history")), Message("user", prompt)]
+
+
+def history_messages(history: Any) -> list[Message]:
+    """``[question, answer]`` pairs as user and assistant turns (``None``: none)."""
     if history is None:
         return []
     if not isinstance(history, list):

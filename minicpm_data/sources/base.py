@@ -39,6 +39,16 @@ REJECT_REASONS = {
     "invalid turn order": "a system turn after the first turn, or every answer before the first question: "
                           "no repair leaves an exchange",
     "duplicate": "with --dedupe: the same conversation was already written (the detail says where)",
+    # Preference data (docs/preference-data.md):
+    "preference record": "an SFT source (sharegpt, messages, ...) met a record with preference keys (chosen/rejected, "
+                         "a KTO label): it would drop them; the detail names the preference source that reads it",
+    "side missing": "a pair without its chosen or its rejected answer, or a KTO row whose last turn is no answer",
+    "empty answer": "a chosen, rejected or labelled answer that is empty after stripping",
+    "identical answers": "the chosen and the rejected answer are the same text: nothing to prefer",
+    "prompts differ": "the two sides of a pair do not share the same context (implicit-prompt formats: "
+                      "everything before the final answer must be identical)",
+    "no prompt": "a pair's or KTO row's context does not end with the user turn the answer replies to",
+    "scores tie": "an UltraFeedback-style row whose score_chosen is not above score_rejected",
 }
 
 
@@ -62,6 +72,10 @@ class Source:
 
     name: ClassVar[str]
     verbatim: ClassVar[bool] = False
+    # What convert writes: SFT conversations ("messages"), preference pairs ("pairs") or KTO rows ("kto").
+    kind: ClassVar[str] = "messages"
+    # Preference keys (PREFERENCE_KEYS) this source reads itself; others make an SFT source reject the record.
+    reads_preference_keys: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
     def matches(record: Mapping[str, Any]) -> bool:
@@ -73,6 +87,16 @@ class Source:
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
         raise NotImplementedError
+
+
+# Keys that carry a preference (answers to prefer or avoid, a KTO label); an SFT source never drops them silently.
+PREFERENCE_KEYS = ("chosen", "rejected", "chosen_messages", "rejected_messages", "preferred_output",
+                   "non_preferred_output", "kto_tag", "label")
+
+
+def preference_keys(record: Mapping[str, Any]) -> list[str]:
+    """The preference keys a raw record carries (``label`` counts when it is a boolean, as KTO's is)."""
+    return [key for key in PREFERENCE_KEYS if key in record and (key != "label" or type(record[key]) is bool)]
 
 
 def field(record: Mapping[str, Any], *names: str) -> Any:

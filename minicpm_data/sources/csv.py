@@ -8,7 +8,7 @@ from typing import Any
 
 from minicpm_data.conversation import Conversation, Message
 from minicpm_data.errors import FormatError
-from minicpm_data.sources.base import RecordRejected, Source, content_text, field, optional_text
+from minicpm_data.sources.base import PREFERENCE_KEYS, RecordRejected, Source, content_text, field, optional_text
 
 
 class Table(Source):
@@ -27,6 +27,8 @@ class Table(Source):
     """
 
     name = "csv"
+    # The columns are named by the user: a record's other keys (a preference key too) are left out on purpose.
+    reads_preference_keys = frozenset(PREFERENCE_KEYS)
 
     def __init__(self, *, user_col: str | None = None, assistant_col: str | None = None,
                  system_col: str | None = None, template: str | None = None):

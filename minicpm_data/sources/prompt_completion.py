@@ -26,15 +26,20 @@ class PromptCompletion(Source):
     """
 
     name = "prompt-completion"
+    reads_preference_keys = frozenset({"label"})  # true: kept; false: rejected (auto reads a labelled file as trl-kto)
 
     @staticmethod
     def matches(record: Mapping[str, Any]) -> bool:
         return "prompt" in record and "completion" in record
 
     def convert(self, record: Mapping[str, Any]) -> Conversation:
-        prompt, completion = field(record, "prompt"), field(record, "completion")
         if record.get("label") is False:
             raise RecordRejected("undesirable completion", "label is false: a completion to avoid, not to learn")
+        return self.conversation(record)
+
+    def conversation(self, record: Mapping[str, Any]) -> Conversation:
+        """The prompt's turns and the completion's, whatever the label."""
+        prompt, completion = field(record, "prompt"), field(record, "completion")
         system = optional_text(record, "system")
         messages = [Message("system", system)] if system else []
         if isinstance(prompt, list) and isinstance(completion, list):

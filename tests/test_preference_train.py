@@ -1,0 +1,258 @@
+"""`minicpm-train run --stage dpo / kto` end to end on a tiny model: LoRA, QLoRA, full fine-tuning with the
+reference computed once and cached, packing, gradient accumulation, resume, DeepSpeed ZeRO-3, OpenBMB's
+sft_dpo.sh flags, and the one-line errors of a file of the wrong kind.
+
+The pairs come from the learnable task (tests/train_helpers.py): chosen is the right label, rejected another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_helpers import TASK_DEV, TASK_TRAIN, build_tiny_models, run_cli, run_in_process
+
+LABELS = ("entailment", "neutral", "contradiction")
+
+
+def _preference_rows(source: Path, kind: str, count: int) -> list[dict]:
+    rows = []
+    for record in json.loads(source.read_text())[:count]:
+        context, answer = record["messages"][:-1], record["messages"][-1]["content"]
+        wrong = LABELS[(LABELS.index(answer) + 1) % len(LABELS)]
+        if kind == "kto":
+            rows += [{"messages": record["messages"], "label": True},
+                     {"messages": [*context, {"role": "assistant", "content": wrong}], "label": False}]
+        else:
+            rows.append({"messages": context, "chosen": {"role": "assistant", "content": answer},
+                         "rejected": {"role": "assistant", "content": wrong}})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> dict[str, Path]:
+    """Pairs and KTO rows of the task's train and dev files; the train pairs end with one whose context is
+    longer than --model_max_length (counted as dropped, never trained)."""
+    folder = tmp_path_factory.mktemp("preference")
+    files = {}
+    for kind in ("pairs", "kto"):
+        for split, source, count in (("train", TASK_TRAIN, 48), ("dev", TASK_DEV, 16)):
+            rows = _preference_rows(source, kind, count)
+            if kind == "pairs" and split == "train":
+                long = [{"role": "user", "content": " ".join(["premise: the team is cooking"] * 200)}]
+                rows.append({**rows[0], "messages": long})
+            path = folder / f"{kind}_{split}.json"
+            path.write_text(json.dumps(rows, ensure_ascii=False))
+            files[f"{kind}_{split}"] = path
+    return files
+
+
+def _argv(model: Path, files: dict, kind: str, output_dir: Path, cache: Path, *extra: str, steps: int = 4) -> list[str]:
+    return ["--model_name_or_path", str(model), "--output_dir", str(output_dir),
+            "--train_data_path", str(files[f"{kind}_train"]), "--eval_data_path", str(files[f"{kind}_dev"]),
+            "--data_cache_dir", str(cache), "--model_max_length", "256", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3", "--max_steps", str(steps),
+            "--warmup_steps", "0", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", str(steps),
+            "--save_strategy", "no", "--seed", "7", "--report_to", "none",
+            "--stage", "kto" if kind == "kto" else "dpo", *extra]
+
+
+def _logged(result, key: str) -> list[float]:
+    return [entry[key] for entry in result.log_history if key in entry]
+
+
+def test_dpo_lora_run_logs_rewards_plots_them_and_counts_dropped_pairs(tiny_llama, task_files, tmp_path, data_cache,
+                                                                       monkeypatch, capsys):
+    lines: list[str] = []
+    result = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "run", data_cache, "--use_lora"),
+                            report=lines.append)
+    assert "data " + str(task_files["pairs_train"]) + ": 48 pairs used, 1 dropped (answer truncated away 1)" in "\n".join(lines)
+    assert "reference: the base model, by disabling the LoRA adapter (no second copy)" in lines
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/accuracies"):
+        assert _logged(result, key), key
+    assert all(math.isfinite(v) and v > 0 for v in _logged(result, "grad_norm"))
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+    assert (result.output_dir / "loss_curve.png").stat().st_size > 10_000  # two panels: loss, rewards
+    summary = json.loads((result.output_dir / "data_summary.json").read_text())["train"]
+    assert summary["kind"] == "pairs" and summary["dropped"] == {"answer truncated away": 1} and summary["used"] == 48
+
+    # eval, merge and chat on the result, as for SFT: the adapter's preference metrics against the base, and the
+    # merged model's against --ref-model base, are the same; the run's last eval saw the same pairs.
+    capsys.readouterr()  # the run's own printed logs
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(result.output_dir), "--data",
+                             str(task_files["pairs_dev"]), "--json")
+    assert code == 0, err
+    adapter = json.loads(out)
+    assert adapter["reference"] == "the model with its LoRA adapter disabled" and adapter["scored"] == 16
+    assert adapter["accuracy"] == pytest.approx(_logged(result, "eval_rewards/accuracies")[-1], abs=1e-6)
+    assert adapter["margin"] == pytest.approx(_logged(result, "eval_rewards/margins")[-1], rel=1e-3, abs=1e-7)
+    merged = tmp_path / "merged"
+    assert run_cli(monkeypatch, capsys, "merge", "--base", str(tiny_llama), "--adapter", str(result.output_dir),
+                   "-o", str(merged))[0] == 0
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(merged), "--data", str(task_files["pairs_dev"]),
+                             "--ref_model", str(tiny_llama), "--json")
+    assert code == 0, err
+    assert json.loads(out)["margin"] == pytest.approx(adapter["margin"], rel=1e-3, abs=1e-6)
+    code, out, err = run_cli(monkeypatch, capsys, "chat", str(merged), "--prompt", "premise: a\nhypothesis: b",
+                             "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0 and out.strip(), err
+
+
+def test_qlora_dpo_keeps_learning_after_reference_forwards(tiny_llama, task_files, tmp_path, data_cache):
+    """Every step runs a no-grad reference forward (adapter disabled) before the policy's: on CPUs with
+    avx512_bf16, bitsandbytes would repack the 4-bit weights there and LoRA's gradients would vanish."""
+    result = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "run", data_cache, "--use_lora",
+                                  "--qlora", "--eval_strategy", "no", steps=2))
+    norms = _logged(result, "grad_norm")
+    assert len(norms) == 2 and all(norm > 0 for norm in norms), norms
+
+
+def test_full_dpo_computes_the_reference_once_and_keys_it(tiny_llama, task_files, tmp_path, data_cache):
+    """Full fine-tuning: the reference log-probabilities are computed before training into the data's cache
+    folder, read by the next run, and a different reference gets its own file."""
+    cache = tmp_path / "cache"
+    first: list[str] = []
+    run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "a", cache, steps=1), report=first.append)
+    assert sum("computed into" in line for line in first) == 2  # train and dev
+    again: list[str] = []
+    result = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "b", cache, steps=1),
+                            report=again.append)
+    assert sum("read from" in line for line in again) == 2 and not any("computed into" in line for line in again)
+    assert _logged(result, "grad_norm")[0] > 0
+    other = build_tiny_models.build_tiny_model("llama-chatml", tmp_path / "other_reference", seed=1)
+    changed: list[str] = []
+    run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "c", cache, "--ref_model", str(other),
+                         steps=1), report=changed.append)
+    assert sum("computed into" in line for line in changed) == 2
+    assert len(list(cache.glob("*/reference-*.npy"))) == 4
+
+
+def test_gradient_accumulation_and_packing_give_the_batch_gradient(tiny_llama, task_files, tmp_path, data_cache):
+    """One step of 8 pairs, 4 pairs x 2 accumulated, and 8 pairs packed in one row: the same loss and
+    gradient norm (the per-pair mean is divided by the accumulation steps; packed pairs never mix)."""
+    common = ("--use_lora", "--max_steps", "1", "--train_sampling_strategy", "sequential", "--eval_strategy", "no")
+    runs = {name: run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / name, data_cache, *common, *extra))
+            for name, extra in (("batch", ("--per_device_train_batch_size", "8")),
+                                ("accumulated", ("--gradient_accumulation_steps", "2")),
+                                ("packed", ("--per_device_train_batch_size", "8", "--packing")))}
+    expected = runs["batch"].log_history[0]
+    for name in ("accumulated", "packed"):
+        got = runs[name].log_history[0]
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), name
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), name
+
+
+def test_kto_lora_run_and_resume(tiny_llama, task_files, tmp_path, data_cache):
+    output = tmp_path / "run"
+    lines: list[str] = []
+    run_in_process(_argv(tiny_llama, task_files, "kto", output, data_cache, "--use_lora", "--save_strategy", "steps",
+                         "--save_steps", "2", steps=2), report=lines.append)
+    assert f"data {task_files['kto_train']}: 96 samples used (48 desirable, 48 undesirable)" in "\n".join(lines)
+    lines.clear()
+    resumed = run_in_process(_argv(tiny_llama, task_files, "kto", output, data_cache, "--use_lora",
+                                   "--resume_from_checkpoint", "auto", steps=4), report=lines.append)
+    assert f"resume: {output / 'checkpoint-2'}" in lines
+    steps = [entry["step"] for entry in resumed.log_history if "loss" in entry]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history, then 3-4
+    assert {"kl", "rewards/chosen", "rewards/rejected"} <= resumed.log_history[-3].keys()
+
+
+def test_openbmb_sft_dpo_script_runs_as_written(tiny_llama, task_files, tmp_path, data_cache, monkeypatch, capsys):
+    """OpenBMB's finetune/sft_dpo_trainer/sft_dpo.sh, paths and length changed: its flags map to ours with a
+    notice each, through --script."""
+    script = tmp_path / "sft_dpo.sh"
+    script.write_text(f"""#!/bin/bash
+python finetune_dpo_trainer.py \\
+    --model_name_or_path "{tiny_llama}" \\
+    --train_data_path "{task_files['pairs_train']}" \\
+    --eval_data_path "{task_files['pairs_dev']}" \\
+    --output_dir "{tmp_path / 'output_dpo_sft'}" \\
+    --num_train_epochs 3 \\
+    --per_device_train_batch_size 1 \\
+    --per_device_eval_batch_size 1 \\
+    --gradient_accumulation_steps 8 \\
+    --learning_rate 5e-6 \\
+    --weight_decay 0.01 \\
+    --warmup_steps 100 \\
+    --logging_steps 10 \\
+    --save_steps 500 \\
+    --eval_steps 500 \\
+    --model_max_length 512 \\
+    --use_lora True \\
+    --bf16 True \\
+    --gradient_checkpointing True \\
+    --dataloader_num_workers 4 \\
+    --remove_unused_columns False \\
+    --use_dpo True \\
+    --dpo_beta 0.1 \\
+    --sft_loss_weight 0.5
+""")
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--script", str(script), "--max_steps", "1",
+                             "--data_cache_dir", str(data_cache), "--dataloader_num_workers", "0")
+    assert code == 0, err[-2000:]
+    text = " ".join(out.split())
+    for notice in ("--use_dpo (OpenBMB's sft_dpo_trainer) is --stage dpo", "--dpo_beta is OpenBMB sft_dpo_trainer's "
+                   "name for --beta", "--sft_loss_weight is OpenBMB sft_dpo_trainer's name for --sft_weight"):
+        assert notice in text, notice
+    config = json.loads((tmp_path / "output_dpo_sft" / "run_config.json").read_text())
+    assert config["options"]["stage"] == "dpo" and config["options"]["sft_weight"] == 0.5
+    history = json.loads((tmp_path / "output_dpo_sft" / "metrics.json").read_text())["log_history"]
+    assert {"sft_loss", "dpo_loss", "rewards/margins"} <= history[0].keys()
+
+
+@pytest.mark.parametrize("stage,kind,says", [("dpo", "messages", "holds SFT conversations (messages), not preference "
+                                                                  "pairs (chosen/rejected): train it with --stage sft"),
+                                             ("sft", "pairs", "train it with --stage dpo"),
+                                             ("dpo", "kto", "train it with --stage kto")])
+def test_a_file_of_another_kind_is_one_error_line(stage, kind, says, tiny_llama, task_files, tmp_path, monkeypatch,
+                                                  capsys):
+    data = TASK_TRAIN if kind == "messages" else task_files[f"{kind}_train"]
+    code, _, err = run_cli(monkeypatch, capsys, "run", "--model_name_or_path", str(tiny_llama), "--train_data_path",
+                           str(data), "--output_dir", str(tmp_path / "out"), "--data_cache_dir", str(tmp_path / "c"),
+                           "--stage", stage)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_full_dpo_takes_the_same_first_step(tiny_llama, task_files, tmp_path, data_cache):
+    """ZeRO-3 partitions every weight, lm_head included (its gradient comes from the second chunked pass,
+    through a call of lm_head): the first step's loss and gradient norm equal one process without DeepSpeed.
+    (Only the first: DeepSpeed's own scheduler starts at a learning rate of 0.) A fresh process, as ZeRO-3 needs."""
+    common = ("--eval_strategy", "no", "--train_sampling_strategy", "sequential")
+    plain = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "plain", data_cache, *common, steps=1))
+    argv = _argv(tiny_llama, task_files, "pairs", tmp_path / "zero3", data_cache, *common, "--deepspeed", "zero3",
+                 "--master_port", "30011", steps=1)
+    done = subprocess.run([str(Path(sys.executable).with_name("minicpm-train")), "run", *argv], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero3 = json.loads((tmp_path / "zero3" / "metrics.json").read_text())["log_history"][0]
+    assert zero3["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is still the reference
+    assert zero3["loss"] == pytest.approx(plain.log_history[0]["loss"], rel=1e-6)
+    assert zero3["grad_norm"] == pytest.approx(plain.log_history[0]["grad_norm"], rel=1e-4)
+
+
+def test_plan_sizes_a_dpo_micro_batch_as_two_sequences_per_pair(tiny_llama):
+    """A DPO micro batch of 4 pairs holds 8 sequences: the activations of an SFT micro batch of 8; the plan says
+    where the reference comes from (LoRA: adapter disabled; full: computed once before training)."""
+    from minicpm_train.plan import plan_from_argv
+
+    def plan(*flags: str):
+        return plan_from_argv(["--model_name_or_path", str(tiny_llama), "--bf16", "true", *flags], gpu_memory_gib=24,
+                              devices=[])
+
+    dpo = plan("--stage", "dpo", "--per_device_train_batch_size", "4", "--use_lora")
+    sft = plan("--per_device_train_batch_size", "8", "--use_lora")
+    assert dpo.estimate.activations == sft.estimate.activations > plan("--per_device_train_batch_size", "4",
+                                                                       "--use_lora").estimate.activations
+    assert any("two sequences (chosen and rejected)" in note and "adapter disabled" in note
+               for note in dpo.estimate.notes)
+    full = plan("--stage", "dpo", "--per_device_train_batch_size", "4")
+    assert any("computed once before training" in note for note in full.estimate.notes)
+    assert "--stage" in " ".join(suggestion for s in full.suggestions for suggestion in s.settings.flags()) or \
+        not full.suggestions
