@@ -162,7 +162,7 @@ def resume_point(value: str | None, output_dir: Path, identity: RunIdentity, *, 
     if cannot:
         raise ResumeError(f"{asked}: {checkpoint} {cannot}")
     record, _ = read_json_file(checkpoint / RUN_RECORD, required=False)  # a damaged one made it incomplete
-    differs = identity.differences(record or {})
+    differs = identity.differences(record) if record is not None else []  # none: nothing to compare (a note below)
     if max_steps > 0 and step >= max_steps:
         differs.insert(0, f"its step {step} is at or past --max_steps {max_steps}, so nothing would be trained "
                           "and its weights saved as this run's")

@@ -415,6 +415,21 @@ def test_damaged_checkpoints_are_passed_over(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
+def test_a_checkpoint_without_its_run_record_resumes_with_a_note(tmp_path):
+    """Killed between the Trainer's files and run_config.json, or another node's local copy (rank 0 writes the
+    record): the checkpoint is complete, so it resumes, saying that its model and data are not checked."""
+    from minicpm_train.resume import RunIdentity, resume_point
+
+    complete_checkpoint(tmp_path / "checkpoint-4", 4)
+    options = {"model_name_or_path": "/models/m", "qlora": False, "use_lora": True, "lora_r": 8, "stage": "sft",
+               "model_max_length": 512, "template": None, "truncation": "right", "train_on": "all", "packing": False}
+    said = []
+    resumed = resume_point("auto", tmp_path, RunIdentity(options, [["train.json", "0" * 64, 1.0]]), max_steps=8,
+                           force=False, overwrite=False, main_process=True, report=said.append)
+    assert resumed == tmp_path / "checkpoint-4"
+    assert said[0].startswith(f"note: {tmp_path / 'checkpoint-4'} has no run_config.json") and said[-1].endswith("(step 4)")
+
+
 def test_continue_command_replaces_any_resume_flag():
     from minicpm_train.resume import continue_command
 

@@ -29,7 +29,9 @@ def _convert(tmp_path, fixtures_dir, name, **options):
     out = tmp_path / f"{name}.out.jsonl"
     summary = convert_files([fixtures_dir / "raw" / name], out, options=ConvertOptions(**options))
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if summary.output else []
-    rejects = [json.loads(line) for line in (tmp_path / f"{name}.out.rejects.jsonl").read_text().splitlines()]
+    rejects_file = tmp_path / f"{name}.out.rejects.jsonl"  # written only when a record was rejected
+    rejects = [json.loads(line) for line in rejects_file.read_text().splitlines()] if rejects_file.is_file() else []
+    assert rejects_file.is_file() == bool(summary.rejected)
     assert summary.read == summary.written + summary.rejected == len(written) + len(rejects)
     if summary.output:
         assert validate_file(out) == []
@@ -89,7 +91,7 @@ def test_alpaca_forms_openbmb_and_v1(tmp_path, fixtures_dir):
     _, written, rejects = _convert(tmp_path, fixtures_dir, "llamafactory_v1_dpo.jsonl")
     assert written[1] == _pair([("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")],
                                "Goodbye, take care!", "Whatever.")
-    assert rejects[2][0] == "not text: image part" and rejects[3][0] == "malformed field"
+    assert rejects[2][0] == "not text: image" and rejects[3][0] == "malformed field"
 
 
 def test_scores_orca_and_kto(tmp_path, fixtures_dir):

@@ -157,7 +157,7 @@ def test_kto_lora_run_and_resume(tiny_llama, task_files, tmp_path, data_cache):
     lines.clear()
     resumed = run_in_process(_argv(tiny_llama, task_files, "kto", output, data_cache, "--use_lora",
                                    "--resume_from_checkpoint", "auto", steps=4), report=lines.append)
-    assert f"resume: {output / 'checkpoint-2'}" in lines
+    assert f"resume: {output / 'checkpoint-2'} (step 2)" in lines
     steps = [entry["step"] for entry in resumed.log_history if "loss" in entry]
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history, then 3-4
     assert {"kl", "rewards/chosen", "rewards/rejected"} <= resumed.log_history[-3].keys()
