@@ -241,12 +241,35 @@ class PreferenceTrainerMixin:
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Every rank calls this at the same step: each metric is its mean over all ranks' batches since the
+        last log, as the Trainer's loss is (rank 0 alone writes it)."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         gathered = self._preference_metrics[mode]
-        logs.update({f"{prefix}{name}": sum(values) / len(values) for name, values in gathered.items() if values})
+        accelerator = self.accelerator
+        reduce = None if accelerator.num_processes == 1 else \
+            lambda totals: accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        logs.update({f"{prefix}{name}": value for name, value in mean_over_ranks(gathered, reduce).items()})
         gathered.clear()
         super().log(logs, *args, **kwargs)
+
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logps/accuracies", "dpo_loss", "sft_loss", "kl")
+
+
+def mean_over_ranks(values: dict[str, list[float]], reduce=None) -> dict[str, float]:
+    """Each of :data:`METRICS` averaged over its values on every rank; ``reduce`` sums a tensor over the ranks
+    (None: one process). A metric no rank has (KTO's rewards of a side no batch held) is left out; the names
+    are fixed so that every rank reduces the same tensor whatever its batches held."""
+    unknown = set(values) - set(METRICS)
+    if unknown:
+        raise PreferenceError(f"preference metrics {sorted(unknown)} are not in preference.METRICS")
+    totals = torch.tensor([[sum(values.get(name, ())), len(values.get(name, ()))] for name in METRICS],
+                          dtype=torch.float64)
+    if reduce is not None:
+        totals = reduce(totals)
+    return {name: total / count for name, (total, count) in zip(METRICS, totals.tolist()) if count}
 
 
 def make_preference_trainer(settings: PreferenceSettings, base: type, *, full_logits: bool, **trainer_kwargs):

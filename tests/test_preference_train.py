@@ -1,5 +1,5 @@
 """`minicpm-train run --stage dpo / kto` end to end on a tiny model: LoRA, QLoRA, full fine-tuning with the
-reference computed once and cached, packing, gradient accumulation, resume, DeepSpeed ZeRO-3, OpenBMB's
+reference computed once and cached, packing, gradient accumulation, resume, two ranks with DeepSpeed ZeRO-3, OpenBMB's
 sft_dpo.sh flags, and the one-line errors of a file of the wrong kind.
 
 The pairs come from the learnable task (tests/train_helpers.py): chosen is the right label, rejected another.
@@ -220,21 +220,26 @@ def test_a_file_of_another_kind_is_one_error_line(stage, kind, says, tiny_llama,
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_full_dpo_takes_the_same_first_step(tiny_llama, task_files, tmp_path, data_cache):
+def test_two_ranks_deepspeed_zero3_full_dpo_take_the_same_first_step(tiny_llama, task_files, tmp_path, data_cache):
     """ZeRO-3 partitions every weight, lm_head included (its gradient comes from the second chunked pass,
-    through a call of lm_head): the first step's loss and gradient norm equal one process without DeepSpeed.
-    (Only the first: DeepSpeed's own scheduler starts at a learning rate of 0.) A fresh process, as ZeRO-3 needs."""
+    through a call of lm_head): the first step of two CPU ranks of 2 pairs each equals one process of 4 pairs
+    without DeepSpeed, its loss, gradient norm and logged metrics (averaged over the ranks, not rank 0's own).
+    (Only the first: DeepSpeed's own scheduler starts at a learning rate of 0.)"""
     common = ("--eval_strategy", "no", "--train_sampling_strategy", "sequential")
     plain = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "plain", data_cache, *common, steps=1))
     argv = _argv(tiny_llama, task_files, "pairs", tmp_path / "zero3", data_cache, *common, "--deepspeed", "zero3",
-                 "--master_port", "30011", steps=1)
+                 "--num_gpus", "2", "--master_port", "30011", steps=1)
+    argv[argv.index("--per_device_train_batch_size") + 1] = "2"
     done = subprocess.run([str(Path(sys.executable).with_name("minicpm-train")), "run", *argv], capture_output=True,
                           text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    zero3 = json.loads((tmp_path / "zero3" / "metrics.json").read_text())["log_history"][0]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "--num_gpus 2 starts 2 CPU processes" in done.stdout
+    zero3, first = json.loads((tmp_path / "zero3" / "metrics.json").read_text())["log_history"][0], plain.log_history[0]
     assert zero3["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is still the reference
-    assert zero3["loss"] == pytest.approx(plain.log_history[0]["loss"], rel=1e-6)
-    assert zero3["grad_norm"] == pytest.approx(plain.log_history[0]["grad_norm"], rel=1e-4)
+    assert zero3["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert zero3["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-4)
+    for key in ("logps/chosen", "logps/rejected", "logps/accuracies"):
+        assert zero3[key] == pytest.approx(first[key], rel=1e-5), key
 
 
 def test_plan_sizes_a_dpo_micro_batch_as_two_sequences_per_pair(tiny_llama):
@@ -256,3 +261,22 @@ def test_plan_sizes_a_dpo_micro_batch_as_two_sequences_per_pair(tiny_llama):
     assert any("computed once before training" in note for note in full.estimate.notes)
     assert "--stage" in " ".join(suggestion for s in full.suggestions for suggestion in s.settings.flags()) or \
         not full.suggestions
+
+
+def test_logged_metrics_are_means_over_every_ranks_batches():
+    """Two ranks' metrics since the last log: each is averaged over all their batches; a KTO side that only the
+    other rank's batches held is averaged over those; a metric no rank has is left out; an unregistered one is
+    refused (it would otherwise make ranks reduce different tensors)."""
+    import torch
+
+    from minicpm_train.preference import METRICS, PreferenceError, mean_over_ranks
+
+    this_rank = {"kl": [0.5], "rewards/chosen": [1.0, 3.0]}
+    other_rank = torch.zeros(len(METRICS), 2, dtype=torch.float64)  # [total, count] per metric
+    for name, total, count in (("kl", 1.5, 1), ("rewards/chosen", 5.0, 1), ("rewards/rejected", -2.0, 1)):
+        other_rank[METRICS.index(name)] = torch.tensor([total, count])
+    assert mean_over_ranks(this_rank, lambda totals: totals + other_rank) == \
+        {"kl": 1.0, "rewards/chosen": 3.0, "rewards/rejected": -2.0}
+    assert mean_over_ranks(this_rank) == {"kl": 0.5, "rewards/chosen": 2.0}
+    with pytest.raises(PreferenceError, match="unregistered"):
+        mean_over_ranks({"unregistered": [1.0]})
