@@ -1,7 +1,8 @@
 """Where a run starts: fresh, or from a checkpoint of the same run, decided before anything is loaded.
 
 - A checkpoint is complete when ``trainer_state.json`` (the Trainer writes it last) reads, its weights,
-  optimizer and scheduler files are there, and every file is whole (:func:`checkpoint_problem`);
+  optimizer and scheduler files are there (DeepSpeed's: every rank's), and every file is whole
+  (:func:`checkpoint_problem`);
   ``--resume_from_checkpoint auto`` takes the latest complete one and says which damaged ones it passed over.
 - A run resumes only a checkpoint it could have written itself: each checkpoint carries the run's
   ``run_config.json`` (with the training files' SHA-256), and a checkpoint of another model, other training
@@ -25,6 +26,11 @@ from minicpm_data.model_files import ADAPTER_WEIGHTS, WEIGHT_NAMES, file_finding
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folder names
 RUN_RECORD = "run_config.json"
+# DeepSpeed's files in a checkpoint's global_stepN folder: each data-parallel rank's optimizer states, and the
+# model states (ZeRO-3: each rank's part; ZeRO-1/2: one file).
+OPTIMIZER_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+RANK_MODEL_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt")
+MODEL_STATES = "mp_rank_00_model_states.pt"
 # RunOptions that decide the rows a run trains on, beside the files themselves.
 ROW_OPTIONS = ("model_max_length", "template", "truncation", "train_on", "packing")
 
@@ -54,7 +60,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         required.append("its weights (model.safetensors or adapter_model.safetensors)")
     if deepspeed:
         tag = (folder / "latest").read_text().strip()
-        required += [] if (folder / tag).is_dir() else [f"{tag}/ (named in latest)"]
+        required += _deepspeed_files(folder, tag) if (folder / tag).is_dir() else [f"{tag}/ (named in latest)"]
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
         return f"{', '.join(missing)} missing"
@@ -63,6 +69,22 @@ def checkpoint_problem(folder: Path) -> str | None:
         if finding:
             return f"{path.relative_to(folder)} is {finding.problem}"
     return None
+
+
+def _deepspeed_files(folder: Path, tag: str) -> list[str]:
+    """The files a DeepSpeed checkpoint's ``tag`` folder needs beside those it has: a rank's optimizer or model
+    states, where ranks on both sides of it have theirs (a rank killed before writing). Without the world size,
+    a missing last rank cannot be told from a folder that holds one node's ranks (each node writes its own)."""
+    names = {path.name for path in (folder / tag).iterdir()}
+    ranks = {int(match[1]) for name in names if (match := OPTIMIZER_STATES.fullmatch(name))}
+    if not ranks:
+        return [f"{tag}/ its optimizer states (zero_pp_rank_0_mp_rank_00_optim_states.pt)"]
+    span = range(min(ranks), max(ranks) + 1)
+    prefix = "bf16_" if any(name.startswith("bf16_") for name in names) else ""
+    needed = [f"{tag}/{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in span if rank not in ranks]
+    if any(RANK_MODEL_STATES.fullmatch(name) for name in names):  # ZeRO-3: one per rank
+        return needed + [f"{tag}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in span]
+    return needed + [f"{tag}/{MODEL_STATES}"]
 
 
 def write_record(folder: Path, record: dict) -> None:

@@ -415,6 +415,50 @@ def test_damaged_checkpoints_are_passed_over(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
+def test_damaged_deepspeed_checkpoints_are_passed_over(tmp_path):
+    """DeepSpeed keeps the weights and optimizer in the folder ``latest`` names, a file per rank (the layouts
+    of two CPU ranks under ZeRO-2 and ZeRO-3): a rank's file missing between others, or truncated, or the model
+    states missing, makes the checkpoint incomplete."""
+    import zipfile
+
+    from minicpm_train.args import latest_checkpoint
+    from minicpm_train.resume import checkpoint_problem
+
+    zero2 = ["mp_rank_00_model_states.pt", *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(3))]
+    zero3 = [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(2) for kind in ("model", "optim")]
+    problems = {}
+    for step, (files, damage) in enumerate(((zero2, None), (zero3, None), (zero2, "missing rank 1"),
+                                            (zero3, "missing model states of rank 1"), (zero2, "missing model states"),
+                                            (zero3, "truncated"), (zero2, "no tag folder")), start=1):
+        folder = complete_checkpoint(tmp_path / f"checkpoint-{step}", step)
+        for name in ("optimizer.pt", "scheduler.pt", "adapter_model.safetensors"):
+            put(folder, name, None)
+        put(folder, "latest", f"global_step{step}")
+        if damage != "no tag folder":
+            (folder / f"global_step{step}").mkdir()
+        for name in files if damage != "no tag folder" else ():
+            zipfile.ZipFile(folder / f"global_step{step}" / name, "w").close()
+        tag = folder / f"global_step{step}"
+        if damage == "missing rank 1":
+            put(tag, "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", None)
+        elif damage == "missing model states of rank 1":
+            put(tag, "zero_pp_rank_1_mp_rank_00_model_states.pt", None)
+        elif damage == "missing model states":
+            put(tag, "mp_rank_00_model_states.pt", None)
+        elif damage == "truncated":
+            put(tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt", b"PK\x03")
+        problems[step] = checkpoint_problem(folder)
+    assert problems == {
+        1: None, 2: None,
+        3: "global_step3/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt missing",
+        4: "global_step4/zero_pp_rank_1_mp_rank_00_model_states.pt missing",
+        5: "global_step5/mp_rank_00_model_states.pt missing",
+        6: "global_step6/zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated or damaged (3 bytes; its zip "
+           "directory is missing)",
+        7: "global_step7/ (named in latest) missing"}
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+
+
 def test_a_checkpoint_without_its_run_record_resumes_with_a_note(tmp_path):
     """Killed between the Trainer's files and run_config.json, or another node's local copy (rank 0 writes the
     record): the checkpoint is complete, so it resumes, saying that its model and data are not checked."""
