@@ -1,6 +1,6 @@
 """`minicpm-train run --stage dpo / kto` end to end on a tiny model: LoRA, QLoRA, full fine-tuning with the
-reference computed once and cached, packing, gradient accumulation, resume, two ranks with DeepSpeed ZeRO-3, OpenBMB's
-sft_dpo.sh flags, and the one-line errors of a file of the wrong kind.
+reference computed once and cached, packing, gradient accumulation, resume, two ranks with DeepSpeed (ZeRO-3 full,
+ZeRO-2 LoRA), OpenBMB's sft_dpo.sh flags, and the one-line errors of a file of the wrong kind.
 
 The pairs come from the learnable task (tests/train_helpers.py): chosen is the right label, rejected another.
 """
@@ -220,26 +220,28 @@ def test_a_file_of_another_kind_is_one_error_line(stage, kind, says, tiny_llama,
 
 
 @pytest.mark.slow
-def test_two_ranks_deepspeed_zero3_full_dpo_take_the_same_first_step(tiny_llama, task_files, tmp_path, data_cache):
-    """ZeRO-3 partitions every weight, lm_head included (its gradient comes from the second chunked pass,
-    through a call of lm_head): the first step of two CPU ranks of 2 pairs each equals one process of 4 pairs
-    without DeepSpeed, its loss, gradient norm and logged metrics (averaged over the ranks, not rank 0's own).
-    (Only the first: DeepSpeed's own scheduler starts at a learning rate of 0.)"""
-    common = ("--eval_strategy", "no", "--train_sampling_strategy", "sequential")
+@pytest.mark.parametrize("stage,method", [("zero3", ()), ("zero2", ("--use_lora",))], ids=["zero3-full", "zero2-lora"])
+def test_two_ranks_deepspeed_take_the_same_first_step(stage, method, tiny_llama, task_files, tmp_path, data_cache):
+    """Two CPU ranks of 2 pairs each under DeepSpeed take the first step of one process of 4 pairs without it:
+    its loss, gradient norm and logged metrics (averaged over the ranks, not rank 0's own). ZeRO-3 partitions
+    every weight, lm_head included (its gradient comes from the second chunked pass, through a call of lm_head);
+    ZeRO-2 with LoRA takes the reference from the same engine with the adapter disabled.
+    (Only the first step: DeepSpeed's own scheduler starts at a learning rate of 0.)"""
+    common = ("--eval_strategy", "no", "--train_sampling_strategy", "sequential", *method)
     plain = run_in_process(_argv(tiny_llama, task_files, "pairs", tmp_path / "plain", data_cache, *common, steps=1))
-    argv = _argv(tiny_llama, task_files, "pairs", tmp_path / "zero3", data_cache, *common, "--deepspeed", "zero3",
+    argv = _argv(tiny_llama, task_files, "pairs", tmp_path / stage, data_cache, *common, "--deepspeed", stage,
                  "--num_gpus", "2", "--master_port", "30011", steps=1)
     argv[argv.index("--per_device_train_batch_size") + 1] = "2"
     done = subprocess.run([str(Path(sys.executable).with_name("minicpm-train")), "run", *argv], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "--num_gpus 2 starts 2 CPU processes" in done.stdout
-    zero3, first = json.loads((tmp_path / "zero3" / "metrics.json").read_text())["log_history"][0], plain.log_history[0]
-    assert zero3["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is still the reference
-    assert zero3["loss"] == pytest.approx(first["loss"], rel=1e-6)
-    assert zero3["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-4)
+    ranks, first = json.loads((tmp_path / stage / "metrics.json").read_text())["log_history"][0], plain.log_history[0]
+    assert ranks["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy is still the reference
+    assert ranks["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert ranks["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-4)
     for key in ("logps/chosen", "logps/rejected", "logps/accuracies"):
-        assert zero3[key] == pytest.approx(first[key], rel=1e-5), key
+        assert ranks[key] == pytest.approx(first[key], rel=1e-5), key
 
 
 def test_plan_sizes_a_dpo_micro_batch_as_two_sequences_per_pair(tiny_llama):
