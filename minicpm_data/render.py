@@ -21,8 +21,12 @@ Which assistant turns are trained: all of them (``train_on="all"``, the default)
 Untrained assistant turns are context, like user turns; MiniCPM-2's final ``</s>`` is trained with the
 final turn.
 
-Preference pairs (:func:`render_pairs`) render each side, the context plus that answer, through the same
-batches with ``train_on="last"``, compare the two full renderings, then truncate them by the same policy.
+Preference pairs (:func:`render_pairs`) render each side, the context plus that answer, with the same layouts
+and only the answer trained, compare the two full renderings, then truncate them by the same policy. The sides
+are tokenized without offsets; only the shared prompt (the text before the answer) is tokenized with them. Both
+trained spans start at the first token where a side's ids leave the prompt's own ids: a token the tokenizer
+merges across the prompt's end (MiniCPM-2B's ``<AI>``'s ``>`` with a quote) starts that side's answer, and the
+other side trains the prompt token in its place (``merged_boundary``), so both are scored after one prompt.
 
 How labels stay exact: each layout is a list of literal text parts with the message contents between
 them. For ChatML the parts come from rendering the template once per sequence of roles with marker
@@ -37,6 +41,7 @@ from __future__ import annotations
 import gc
 import re
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -61,6 +66,7 @@ MINICPM_CHATML_TEMPLATE = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BATCH_SIZE = 1024
+IN_FLIGHT = 2  # batches submitted to the tokenizer thread before the oldest is finished
 _MARKER = re.compile("\ue000(\\d+)\ue001")
 
 
@@ -156,17 +162,8 @@ def render_stream(conversations: Iterable[Conversation], tokenizer: Any, *, temp
     layout = _layout(tokenizer, template)
     finish = partial(_finish_batch, layout=layout, max_length=max_length, drop=truncation == "drop",
                      on_progress=on_progress)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpm-tokenize") as tokenizer_thread:
-        pending = None
-        for batch in _batched(conversations, BATCH_SIZE):
-            with gc_paused():
-                texts, plans = _prepare_batch(batch, layout, train_on)
-            tokenized = tokenizer_thread.submit(_tokenize, layout, texts, plans)
-            if pending is not None:
-                yield from finish(*pending)
-            pending = (tokenized, plans)
-        if pending is not None:
-            yield from finish(*pending)
+    yield from _pipelined(conversations, partial(_prepare_batch, layout=layout, train_on=train_on),
+                          partial(_tokenize, layout), finish)
 
 
 @dataclass(slots=True)
@@ -174,21 +171,22 @@ class RenderedPair:
     """A preference pair as training sees it: each side is the context plus that answer, rendered like a
     conversation with only the final answer (and what closes it) trained, then truncated.
 
-    ``prompt_tokens``: the tokens before the chosen side's first trained token in the full rendering (the
-    shared prompt when ``problem`` is None). ``problem``: why the pair cannot be trained (a key of
-    :data:`PAIR_PROBLEMS`), else None.
+    ``prompt_tokens``: the tokens both sides share before their trained spans, which start at the same index.
+    ``merged_boundary``: the tokenizer merged the end of the prompt with one answer's first characters (e.g.
+    MiniCPM-2B's ``<AI>`` ``>`` with a quote), so the other side's trained span starts early, at the merged
+    token's place, as TRL cuts that token out of the prompt. ``problem``: why the pair cannot be trained (a key
+    of :data:`PAIR_PROBLEMS`), else None.
     """
 
     chosen: RenderedSample
     rejected: RenderedSample
     prompt_tokens: int
+    merged_boundary: bool = False
     problem: str | None = None
 
 
 # Why a rendered pair cannot be trained, in the order they are checked.
 PAIR_PROBLEMS = {
-    "prompts differ": "the two sides' token ids before their first trained token differ (a tokenizer merges the "
-                      "prompt's last characters with one answer's first): the answers are not scored on one prompt",
     "identical answers": "the chosen and the rejected answer render to the same tokens",
     "answer truncated away": "truncation at model_max_length leaves one side (or both) without a trained token",
     "no difference left": "after truncation both sides keep the same tokens: nothing tells the answers apart",
@@ -200,37 +198,30 @@ def render_pairs(pairs: Iterable[PreferencePair], tokenizer: Any, *, template: s
                  on_progress: Callable[[int], None] | None = None) -> Iterator[RenderedPair]:
     """Yield one :class:`RenderedPair` per pair, in order, rendering lazily in batches.
 
-    The sides go through :func:`render_stream` (one batched tokenizer call for both, ``train_on="last"``:
-    the context's assistant turns are never trained), are compared at full length, then truncated by the
+    Each side's ids are the chat template's rendering of the context plus that answer, as :func:`render_stream`
+    gives them; the trained span of both sides starts where the sides' ids first differ from the ids of the
+    shared prompt (the text before the answer, tokenized alone) and ends with the token covering the answer's
+    last character plus what closes the turn. The sides are compared at full length, then truncated by the
     same policy as any sample. ``on_progress(n)`` is called with the pairs done after each batch.
     """
-    sides = chain.from_iterable(pair.sides() for pair in pairs)
-    progress = None if on_progress is None else (lambda done: on_progress(done // 2))  # batches hold whole pairs
-    drop = truncation == "drop"
-    full = render_stream(sides, tokenizer, template=template, truncation=truncation, train_on="last",
-                         on_progress=progress)
-    for chosen, rejected in zip(full, full):
-        yield _pair(chosen, rejected, max_length, drop)
+    if truncation not in TRUNCATIONS:
+        raise InputError(f"unknown truncation {truncation!r}: use one of {', '.join(TRUNCATIONS)}")
+    layout = _layout(tokenizer, template)
+    finish = partial(_finish_pairs, layout=layout, max_length=max_length, drop=truncation == "drop",
+                     on_progress=on_progress)
+    yield from _pipelined(pairs, partial(_prepare_pairs, layout=layout), partial(_tokenize_pairs, layout), finish)
 
 
-def _pair(chosen: RenderedSample, rejected: RenderedSample, max_length: int | None, drop: bool) -> RenderedPair:
+def _pair(chosen: RenderedSample, rejected: RenderedSample, prompt_tokens: int, merged: bool,
+          max_length: int | None, drop: bool) -> RenderedPair:
     """Compare the full renderings of both sides, then truncate them; the first problem found, if any."""
-    prompt = _first_trained(chosen.labels)
-    problem = None
-    if chosen.input_ids[:prompt] != rejected.input_ids[:_first_trained(rejected.labels)]:
-        problem = "prompts differ"
-    elif chosen.input_ids == rejected.input_ids:
-        problem = "identical answers"
+    problem = "identical answers" if chosen.input_ids == rejected.input_ids else None
     chosen, rejected = _truncated(chosen, max_length, drop), _truncated(rejected, max_length, drop)
     if problem is None and not (chosen.trainable and rejected.trainable):
         problem = "answer truncated away"
     elif problem is None and chosen.input_ids == rejected.input_ids:
         problem = "no difference left"
-    return RenderedPair(chosen, rejected, prompt, problem)
-
-
-def _first_trained(labels: list[int]) -> int:
-    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return RenderedPair(chosen, rejected, prompt_tokens, merged, problem)
 
 
 def render_prompt(conversation: Conversation, tokenizer: Any, template: str | None = None) -> list[int]:
@@ -280,8 +271,14 @@ class _Layout:
         """How many characters of the part after an assistant content are trained with it."""
         raise NotImplementedError
 
-    def encode(self, texts: list[str]) -> list[Any]:
-        """The tokenizer with its default special tokens: a ``tokenizers.Encoding`` per text.
+    def trained_end(self, ids: list[int], tail: str) -> int:
+        """Where the trained span of a final answer ends in its side's ``ids``: after the token covering the
+        answer's last character and what closes the turn; ``tail`` is the text the layout writes after them."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], offsets: bool = True) -> list[Any]:
+        """The tokenizer with its default special tokens: a ``tokenizers.Encoding`` per text (``offsets=False``:
+        without character offsets, which the backend then does not compute, where it can).
 
         Calls the Rust backend directly (what ``tokenizer(texts)`` does after its own checks) unless
         the backend carries truncation, padding or special-token settings that the wrapper would reset.
@@ -289,7 +286,8 @@ class _Layout:
         backend = self.tokenizer.backend_tokenizer
         if (backend.truncation is None and backend.padding is None
                 and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))):
-            return backend.encode_batch(texts, add_special_tokens=True)
+            encode = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return encode(texts, add_special_tokens=True)
         return self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False).encodings
 
 
@@ -300,6 +298,7 @@ class _ChatML(_Layout):
         super().__init__(tokenizer)
         if not _is_single_token(tokenizer, IM_END):
             raise TokenizerError(f"tokenizer {_name(tokenizer)} has no {IM_END} token: it is not a ChatML tokenizer")
+        self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
         self.chat_template = None if tokenizer.chat_template else MINICPM_CHATML_TEMPLATE
 
     def apply(self, messages: list[dict], generation_prompt: bool) -> str:
@@ -327,6 +326,17 @@ class _ChatML(_Layout):
         if end < 0:
             raise TokenizerError(f"chat template of {_name(self.tokenizer)} does not close assistant turns with {IM_END}")
         return end + len(IM_END)
+
+    def trained_end(self, ids: list[int], tail: str) -> int:
+        # <|im_end|> is one special token, so nothing merges across it: the span ends at the closing one.
+        end = len(ids)
+        for _ in range(tail.count(IM_END) + 1):
+            try:
+                end = _last_index(ids, self.im_end_id, end)
+            except ValueError:
+                raise TokenizerError(f"tokenizer {_name(self.tokenizer)} does not encode {IM_END} as one token in "
+                                     "the rendered text: cannot map trained tokens exactly") from None
+        return end + 1
 
 
 class _MiniCPM2(_Layout):
@@ -358,8 +368,11 @@ class _MiniCPM2(_Layout):
     def closing(self, following_part: str) -> int:
         return 0
 
-    def encode(self, texts: list[str]) -> list[Any]:
-        encodings = super().encode(texts)
+    def trained_end(self, ids: list[int], tail: str) -> int:
+        return len(ids)  # the final answer ends the text; the trained </s> is appended after it
+
+    def encode(self, texts: list[str], offsets: bool = True) -> list[Any]:
+        encodings = super().encode(texts, offsets)
         if self.bos_id is not None:  # the layout starts with <s>: a tokenizer that adds none is not MiniCPM-2's
             for encoding in encodings:
                 if not encoding.ids or encoding.ids[0] != self.bos_id:
@@ -443,32 +456,101 @@ def _prepare_batch(conversations: list[Conversation], layout: _Layout,
     return texts, plans
 
 
-def _finish_batch(tokenized: Future, plans: list[tuple], *, layout: _Layout, max_length: int | None, drop: bool,
+def _pipelined(items: Iterable[Any], prepare: Callable[[list], tuple], tokenize: Callable[..., Any],
+               finish: Callable[[Any], list]) -> Iterator[Any]:
+    """``finish(tokenize(*prepare(batch)))`` per batch of ``BATCH_SIZE`` items, in order, with ``tokenize`` in a
+    background thread: the tokenizer releases the GIL and uses every core while the next batches are prepared
+    and the previous one finished, so only :data:`IN_FLIGHT` batches are held at once."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpm-tokenize") as tokenizer_thread:
+        pending: deque[Future] = deque()
+        for batch in _batched(items, BATCH_SIZE):
+            with gc_paused():
+                prepared = prepare(batch)
+            pending.append(tokenizer_thread.submit(tokenize, *prepared))
+            if len(pending) == IN_FLIGHT:
+                yield from finish(pending.popleft().result())
+        while pending:
+            yield from finish(pending.popleft().result())
+
+
+def _finish_batch(tokenized: list[tuple], *, layout: _Layout, max_length: int | None, drop: bool,
                   on_progress: Callable[[int], None] | None) -> list[RenderedSample]:
     eos = layout.tokenizer.eos_token_id if layout.final_eos else None
     with gc_paused():
-        samples = [_sample(*tokens, None if final_eos is None else eos, bool(final_eos), layout.bos_id,
+        samples = [_sample(ids, ranges, turn_ends, None if final_eos is None else eos, bool(final_eos), layout.bos_id,
                            max_length, drop)
-                   for tokens, (_, _, final_eos) in zip(tokenized.result(), plans)]
+                   for ids, ranges, turn_ends, final_eos in tokenized]
     if on_progress is not None:
         on_progress(len(samples))
     return samples
 
 
-def _tokenize(layout: _Layout, texts: list[str], plans: list[tuple]) -> list[tuple[list[int], list, list]]:
+def _tokenize(layout: _Layout, texts: list[str], plans: list[tuple]) -> list[tuple[list[int], list, list, Any]]:
     """Everything asked of the tokenizer for a batch: per text its ids, the token ranges of its trained
-    character spans, and the token index where each message ends (the offsets are read here, then the
-    encodings are let go)."""
+    character spans, the token index where each message ends (the offsets are read here, then the
+    encodings are let go), and the plan's final eos."""
     tokenized = []
-    for encoding, (spans, ends, _) in zip(layout.encode(texts), plans):
+    for encoding, (spans, ends, final_eos) in zip(layout.encode(texts), plans):
         ranges = []
         for start_char, end_char in spans:
             first = _token_at(encoding, start_char, end_char, forward=True)
             if first is not None:
                 ranges.append((first, _token_at(encoding, start_char, end_char, forward=False) + 1))
         turn_ends = [_token_end(encoding, char) for char in ends[:-1]] + [0] * bool(ends)  # last: set by _sample
-        tokenized.append((encoding.ids, ranges, turn_ends))
+        tokenized.append((encoding.ids, ranges, turn_ends, final_eos))
     return tokenized
+
+
+def _prepare_pairs(pairs: list[PreferencePair], layout: _Layout) -> tuple[list[str], list[str], list[tuple]]:
+    """The shared prompt of each pair (its side's text before the answer), both sides' texts (chosen, rejected,
+    next pair's...), and per pair where its context's turns end (characters) and the text after the answers."""
+    prompts, sides, plans = [], [], []
+    shapes, shape_of, contents_of = layout.shapes, layout.shape, layout.contents
+    for pair in pairs:
+        messages = [*pair.messages, pair.chosen]
+        contents = contents_of(messages)
+        roles = tuple([m.role for m in messages])
+        shape = shapes.get((roles, False)) or shape_of(roles, False, Conversation(messages))
+        chosen, tail = _join(shape.parts, contents), shape.parts[-1]
+        prompt = chosen[:len(chosen) - len(contents[-1]) - len(tail)]
+        prompts.append(prompt)
+        sides += (chosen, prompt + contents_of([pair.rejected])[0] + tail)
+        ends = [base + length for base, length in zip(shape.ends, accumulate(map(len, contents[:-1])))]
+        plans.append((ends, tail[layout.closing(tail):]))
+    return prompts, sides, plans
+
+
+def _tokenize_pairs(layout: _Layout, prompts: list[str], sides: list[str],
+                    plans: list[tuple]) -> list[tuple[list[int], list[int], list[int], list[int], str]]:
+    """Everything asked of the tokenizer for a batch of pairs: the prompts with offsets (read here: where the
+    context's turns end), the sides without (their ids only, the tokenizer's cheapest call)."""
+    ids = [encoding.ids for encoding in layout.encode(sides, offsets=False)]
+    return [(encoding.ids, [_token_end(encoding, char) for char in ends], ids[2 * i], ids[2 * i + 1], tail)
+            for i, (encoding, (ends, tail)) in enumerate(zip(layout.encode(prompts), plans))]
+
+
+def _finish_pairs(tokenized: list[tuple], *, layout: _Layout, max_length: int | None, drop: bool,
+                  on_progress: Callable[[int], None] | None) -> list[RenderedPair]:
+    """Each pair's trained span, on both sides from the first token that is not the prompt's own: a token the
+    tokenizer merged across the prompt's end belongs to that side's answer, and the other side trains the
+    prompt token in its place, so both score their answers after the same shared prompt."""
+    eos, bos = (layout.tokenizer.eos_token_id if layout.final_eos else None), layout.bos_id
+    pairs = []
+    with gc_paused():
+        for prompt, turn_ends, chosen, rejected, tail in tokenized:
+            if _drop_double_bos(prompt, bos):
+                turn_ends = [end - 1 for end in turn_ends]
+            for ids in (chosen, rejected):
+                _drop_double_bos(ids, bos)
+            own = [_shared_length(chosen, prompt), _shared_length(rejected, prompt)]
+            start = min(own)
+            turn_ends = [min(end, start) for end in turn_ends] + [0]
+            sides = [_sample(ids, [(start, layout.trained_end(ids, tail))], turn_ends.copy(), eos, True, None, None,
+                             False) for ids in (chosen, rejected)]
+            pairs.append(_pair(*sides, start, own[0] != own[1], max_length, drop))
+    if on_progress is not None:
+        on_progress(len(pairs))
+    return pairs
 
 
 def _sample(ids: list[int], trained_ranges: list[tuple[int, int]], turn_ends: list[int], eos: int | None,
@@ -509,6 +591,21 @@ def _drop_double_bos(ids: list[int], bos: int | None) -> bool:
         del ids[0]
         return True
     return False
+
+
+def _shared_length(ids: list[int], prefix: list[int]) -> int:
+    """How many of ``prefix``'s ids ``ids`` starts with."""
+    if ids[:len(prefix)] == prefix:
+        return len(prefix)
+    return next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+
+
+def _last_index(ids: list[int], token: int, end: int) -> int:
+    """The index of the last ``token`` in ``ids[:end]`` (ValueError if none)."""
+    for index in range(end - 1, -1, -1):
+        if ids[index] == token:
+            return index
+    raise ValueError(token)
 
 
 def _token_at(encoding: Any, start: int, end: int, *, forward: bool) -> int | None:

@@ -105,9 +105,9 @@ def pair_stats_table(all_stats: Sequence[PairStats], tokenizer_name: str, templa
     row("  an answer cut away (never trained)", lambda s: _count(s.problems["answer truncated away"], s.records))
     row("  no differing token left (never trained)", lambda s: _count(s.problems["no difference left"], s.records))
     row("identical answers (never trained)", lambda s: _count(s.problems["identical answers"], s.records))
-    row("prompts differ in tokens (never trained)", lambda s: _count(s.problems["prompts differ"], s.records))
     table.add_section()
     row("pairs trained per epoch", lambda s: _count(s.trainable_pairs, s.records))
+    row("  an answer merged with the prompt's end", lambda s: _count(s.merged_boundary, s.records))
     row("tokens per epoch, both sides", lambda s: f"{s.total_tokens:,}")
     row("trained tokens per epoch", lambda s: _count(s.trained_tokens, s.total_tokens))
     row(f"padding, batches of {first.batch_size} pairs", lambda s: _count(s.padding_to_longest,
@@ -280,6 +280,9 @@ def pair_view(index: int, pair: Any, full: Any, tokenizer: Any, cut: Any = None,
     cut = cut or full
     problem = cut.problem or full.problem
     head = Text(f"pair {index}: {full.prompt_tokens:,} context tokens shared by both sides", style="bold")
+    if full.merged_boundary:
+        head.append("; the tokenizer merged one answer's first token with the prompt's last: both sides are "
+                    "trained from the shared tokens")
     if problem:
         head.append(f"; never trained: {problem}", style="bold red")
     chosen, rejected = pair.sides()

@@ -162,7 +162,8 @@ class PairStats:
     ``tokens``/``lengths``: each pair's longer side (the full rendering); ``context``: the prompt tokens both
     sides share; ``chosen``/``rejected``: each answer's trained tokens (the answer and what closes it).
     ``problems`` counts the pairs training skips, by :data:`~minicpm_data.render.PAIR_PROBLEMS` reason; of
-    those, ``answer truncated away`` and ``no difference left`` are truncation's doing.
+    those, ``answer truncated away`` and ``no difference left`` are truncation's doing. ``merged_boundary``:
+    pairs whose answer's first token the tokenizer merged with the prompt's last (trained from the shared prefix).
     """
 
     unit: ClassVar[str] = "pair"
@@ -178,6 +179,7 @@ class PairStats:
     over_max_length: int = 0                # pairs with a side longer than model_max_length
     answers_cut: int = 0                    # still trained, but with answer tokens cut
     problems: Counter = field(default_factory=Counter)
+    merged_boundary: int = 0
     trainable_pairs: int = 0
     total_tokens: int = 0                   # both sides, after truncation, trainable pairs only
     trained_tokens: int = 0
@@ -197,7 +199,8 @@ class PairStats:
             "chosen_tokens": self.chosen.to_dict(), "rejected_tokens": self.rejected.to_dict(),
             "tokens_longer_side": self.tokens.to_dict(), "over_max_length": self.over_max_length,
             "answers_cut": self.answers_cut, "cut_by_truncation": self.cut_by_truncation,
-            "problems": dict(self.problems), "trainable_pairs": self.trainable_pairs,
+            "problems": dict(self.problems), "merged_boundary": self.merged_boundary,
+            "trainable_pairs": self.trainable_pairs,
             "total_tokens": self.total_tokens, "trained_tokens": self.trained_tokens,
             "padding": {"batch_size": self.batch_size, "to_longest_in_batch": self.padding_to_longest},
             "suggested_model_max_length": self.suggested_max_length,
@@ -213,7 +216,7 @@ def compute_pair_stats(file: str, pairs: Sequence[PreferencePair], tokenizer: An
     from minicpm_data.render import gc_paused, render_pairs
 
     columns: dict[str, list[int]] = {name: [] for name in ("context", "chosen", "rejected", "full_c", "full_r",
-                                                           "kept_c", "kept_r", "trained", "lost", "ok")}
+                                                           "kept_c", "kept_r", "trained", "lost", "ok", "merged")}
     problems: Counter = Counter()
     with gc_paused():
         for pair in render_pairs(pairs, tokenizer, template=template, max_length=model_max_length,
@@ -226,7 +229,7 @@ def compute_pair_stats(file: str, pairs: Sequence[PreferencePair], tokenizer: An
                                 ("trained", chosen.trained_tokens + rejected.trained_tokens
                                  - chosen.trained_tokens_lost - rejected.trained_tokens_lost),
                                 ("lost", chosen.trained_tokens_lost + rejected.trained_tokens_lost),
-                                ("ok", pair.problem is None)):
+                                ("ok", pair.problem is None), ("merged", pair.merged_boundary)):
                 columns[name].append(value)
             if pair.problem:
                 problems[pair.problem] += 1
@@ -239,7 +242,7 @@ def compute_pair_stats(file: str, pairs: Sequence[PreferencePair], tokenizer: An
         batch_size=batch_size, context=Distribution.of(data["context"]), chosen=Distribution.of(data["chosen"]),
         rejected=Distribution.of(data["rejected"]), tokens=Distribution.of(longer),
         over_max_length=int((longer > model_max_length).sum()), answers_cut=int(((data["lost"] > 0) & ok).sum()),
-        problems=problems, trainable_pairs=int(ok.sum()), total_tokens=int(sides.sum()),
+        problems=problems, merged_boundary=int(data["merged"].sum()), trainable_pairs=int(ok.sum()), total_tokens=int(sides.sum()),
         trained_tokens=int(data["trained"][ok].sum()), padding_to_longest=padding_to_longest(sides, 2 * batch_size),
         suggested_max_length=suggest_max_length(longer), lengths=longer,
     )

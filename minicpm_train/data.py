@@ -78,6 +78,7 @@ class DataSummary:
     files: list[dict[str, Any]] = field(default_factory=list)
     kind: str = "messages"  # what a sample is: a conversation, a preference pair (both sides), a KTO row
     dropped: dict[str, int] = field(default_factory=dict)  # pairs: reason -> pairs not trained
+    merged_boundary: int = 0  # pairs: trained from the shared prefix (an answer merged with the prompt's end)
     desirable: int | None = None  # KTO: rows labelled desirable among those used
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,8 +89,10 @@ class DataSummary:
         weighted = f", weight {self.weight:g} ({self.epoch_samples} per epoch)" if self.weight != 1 else ""
         if self.kind == "pairs":
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.dropped.items()))
+            merged = f", {self.merged_boundary} trained from an answer merged with the prompt's end" * bool(
+                self.merged_boundary)
             used = (f"{self.used} pairs used, {sum(self.dropped.values())} dropped"
-                    f"{f' ({reasons})' if reasons else ''}, {self.truncated} with a side truncated")
+                    f"{f' ({reasons})' if reasons else ''}, {self.truncated} with a side truncated{merged}")
         else:
             labels = (f" ({self.desirable} desirable, {self.used - self.desirable} undesirable)"
                       if self.desirable is not None else "")
@@ -335,7 +338,8 @@ def load_data(spec: str, tokenizer, *, max_length: int, cache_dir: str | Path | 
     if len(loaded) == 1:
         return loaded, loaded[0][1]
     summaries = [summary for _, summary in loaded]
-    counted = ("records", "used", "dropped_no_trained_tokens", "truncated", "tokens", "trained_tokens", "epoch_samples")
+    counted = ("records", "used", "dropped_no_trained_tokens", "truncated", "tokens", "trained_tokens", "epoch_samples",
+               "merged_boundary")
     total = DataSummary(path=spec, max_length=max_length, from_cache=all(s.from_cache for s in summaries),
                         files=[s.to_dict() for s in summaries],
                         **{name: sum(getattr(s, name) for s in summaries) for name in counted})
@@ -554,11 +558,13 @@ class _CacheWriter:
 
 
 class _PairWriter(_CacheWriter):
-    """Writes each trainable pair as two samples, chosen then rejected; counts pairs, and dropped ones by reason."""
+    """Writes each trainable pair as two samples, chosen then rejected; counts pairs, dropped ones by reason, and
+    trained ones whose answer merged with the prompt's end."""
 
     def __init__(self, folder: Path, dtype: str):
         super().__init__(folder, dtype)
         self.dropped: Counter = Counter()
+        self.merged_boundary = 0
 
     def add(self, pair) -> None:
         if pair.problem is not None:
@@ -566,6 +572,7 @@ class _PairWriter(_CacheWriter):
             self.dropped[pair.problem] += 1
             return
         self.truncated -= pair.chosen.truncated and pair.rejected.truncated  # a pair counts once
+        self.merged_boundary += pair.merged_boundary
         for side in (pair.chosen, pair.rejected):
             super().add(side)
         self.records -= 1
@@ -573,7 +580,8 @@ class _PairWriter(_CacheWriter):
     def summary(self, path: Path, max_length: int) -> DataSummary:
         return DataSummary(path=str(path), records=self.records, used=self.used // 2, dropped_no_trained_tokens=0,
                            truncated=self.truncated, tokens=self.tokens, trained_tokens=self.trained_tokens,
-                           max_length=max_length, kind="pairs", dropped=dict(self.dropped))
+                           max_length=max_length, kind="pairs", dropped=dict(self.dropped),
+                           merged_boundary=self.merged_boundary)
 
 
 class _LabeledWriter(_CacheWriter):

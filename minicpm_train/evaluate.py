@@ -280,12 +280,14 @@ class PairEvalResult:
     pairs: int
     dropped: dict[str, int]
     reference: str
+    merged_boundary: int = 0  # scored from the shared prefix: an answer merged with the prompt's end
     predictions: list[PairPrediction] = field(default_factory=list)
 
     def metrics(self) -> dict:
         p = self.predictions
         count = max(len(p), 1)
-        return {"pairs": self.pairs, "scored": len(p), "dropped": self.dropped, "reference": self.reference,
+        return {"pairs": self.pairs, "scored": len(p), "dropped": self.dropped, "merged_boundary": self.merged_boundary,
+                "reference": self.reference,
                 "accuracy": sum(x.chosen_reward > x.rejected_reward for x in p) / count,
                 "margin": sum(x.chosen_reward - x.rejected_reward for x in p) / count,
                 "chosen_reward": sum(x.chosen_reward for x in p) / count,
@@ -301,7 +303,7 @@ def evaluate_pairs(model, tokenizer, pairs: Iterable[tuple[int, object]], *, ref
 
     ``reference``: a model, or None for ``model`` with its LoRA adapter disabled (or ``model`` itself when it
     has none: every reward is then 0). Pairs the renderer cannot train (``RenderedPair.problem``) are counted
-    by reason and not scored.
+    by reason and not scored; those scored from the shared prefix (``RenderedPair.merged_boundary``) are counted.
     """
     import contextlib
 
@@ -330,7 +332,7 @@ def evaluate_pairs(model, tokenizer, pairs: Iterable[tuple[int, object]], *, ref
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return log_probs(scoring_model, batch).logps.tolist()
 
-    result = PairEvalResult(len(indexed), dropped, reference_name)
+    result = PairEvalResult(len(indexed), dropped, reference_name, sum(p.merged_boundary for _, p in scored))
     for start in range(0, len(scored), batch_size):
         chunk = scored[start:start + batch_size]
         batch = collator([{"chosen_input_ids": p.chosen.input_ids, "chosen_labels": p.chosen.labels,

@@ -117,3 +117,20 @@ def test_files_of_different_kinds_are_one_error_line(capsys, fixtures_dir, pairs
     code, _, err = run_cli(capsys, "stats", pairs_file, messages, "-t", fixtures_dir / "tokenizers" / "chatml")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "the files hold different kinds of record" in err and "measure each kind on its own" in err
+
+
+def test_merged_boundary_pairs_are_counted_by_stats_and_shown_by_inspect(capsys, tokenizers, fixtures_dir, tmp_path):
+    """The fixture MiniCPM-2 tokenizer merges "<AI>"'s ">" with "H": such a pair is trained and counted."""
+    merged, plain = _pair("Say hi.", "Hello there.", "Bye."), _pair("Say hi.", "Sure.", "Bye.")
+    stats = compute_pair_stats("f", [PreferencePair.from_record(p) for p in (merged, plain)], tokenizers["minicpm2"],
+                               model_max_length=64)
+    assert (stats.merged_boundary, stats.trainable_pairs, sum(stats.problems.values())) == (1, 2, 0)
+    assert stats.to_dict()["merged_boundary"] == 1
+    path = tmp_path / "merged.jsonl"
+    path.write_text(json.dumps(merged) + "\n")
+    code, out, err = run_cli(capsys, "stats", path, "-t", fixtures_dir / "tokenizers" / "minicpm2")
+    assert code == 0 and "an answer merged with the prompt's end │ 1 (100.0%)" in " ".join(out.split()), err
+    code, out, err = run_cli(capsys, "inspect", path, "-t", fixtures_dir / "tokenizers" / "minicpm2")
+    out = " ".join(out.split())
+    assert code == 0 and "merged one answer's first token with the prompt's last" in out, err
+    assert "⟦>Hello there.</s>⟧" in out and "⟦>Bye.</s>⟧" in out  # both sides trained from the shared prefix

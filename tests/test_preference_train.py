@@ -282,3 +282,48 @@ def test_logged_metrics_are_means_over_every_ranks_batches():
     assert mean_over_ranks(this_rank) == {"kl": 0.5, "rewards/chosen": 2.0}
     with pytest.raises(PreferenceError, match="unregistered"):
         mean_over_ranks({"unregistered": [1.0]})
+
+
+def test_merged_boundary_pairs_are_trained_and_scored_from_the_shared_prefix(tiny_minicpm2, tmp_path):
+    """MiniCPM-2's tokenizers merge "<AI>"'s ">" with some answers' first characters (the real one with a quote,
+    the fixture's with "H"): those pairs are kept, counted on the run's data line and by eval, and each answer is
+    scored from the tokens both sides share, the merged token's place included."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minicpm_data.conversation import PreferencePair
+    from minicpm_data.render import render_pairs
+    from minicpm_data.tokenizer import load_tokenizer
+    from minicpm_train.data import load_data
+    from minicpm_train.evaluate import evaluate_pairs
+    from minicpm_train.modeling import register_minicpm
+
+    rows = [{"messages": [{"role": "user", "content": question}], "chosen": {"role": "assistant", "content": chosen},
+             "rejected": {"role": "assistant", "content": rejected}}
+            for question, chosen, rejected in (("Quote it.", '"Carpe diem."', "Carpe diem."),
+                                               ("Say hi.", "Hello there.", "Bye."), ("Say hi.", "Sure.", "No."))]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = load_tokenizer(str(tiny_minicpm2))
+    pairs = [PreferencePair.from_record(row) for row in rows]
+    rendered = list(render_pairs(pairs, tokenizer))
+    merged = sum(pair.merged_boundary for pair in rendered)
+    assert merged >= 1 and all(pair.problem is None for pair in rendered)
+
+    files, summary = load_data(str(path), tokenizer, max_length=256, cache_dir=tmp_path / "cache", kind="pairs")
+    assert (summary.used, summary.merged_boundary) == (3, merged)
+    assert f"{merged} trained from an answer merged with the prompt's end" in summary.describe()
+    for row, pair in zip(files[0][0], rendered):
+        assert row["chosen_labels"].tolist() == pair.chosen.labels and row["rejected_labels"].tolist() == pair.rejected.labels
+
+    register_minicpm()
+    model = AutoModelForCausalLM.from_pretrained(tiny_minicpm2, dtype=torch.float32).eval()
+    result = evaluate_pairs(model, tokenizer, list(enumerate(pairs)), reference_name="the model itself")
+    assert (result.metrics()["merged_boundary"], result.metrics()["scored"]) == (merged, 3)
+    for prediction, pair in zip(result.predictions, rendered):
+        for logp, side in ((prediction.chosen_logp, pair.chosen), (prediction.rejected_logp, pair.rejected)):
+            ids = torch.tensor([side.input_ids])
+            with torch.no_grad():
+                logprobs = model(ids).logits.log_softmax(-1)[0]
+            expected = sum(logprobs[i - 1, side.input_ids[i]].item() for i in range(pair.prompt_tokens, len(side.input_ids)))
+            assert logp == pytest.approx(expected, rel=1e-4)

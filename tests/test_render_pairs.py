@@ -1,5 +1,6 @@
 """render_pairs(): both sides equal the real tokenizers' chat templates; only the final answer is trained;
-pairs that cannot be trained say why (prompts differ, identical answers, truncation)."""
+a tokenizer merge across the prompt's end is scored from the shared prefix; pairs that cannot be trained say
+why (identical answers, truncation)."""
 
 from __future__ import annotations
 
@@ -59,19 +60,58 @@ def test_each_side_is_the_real_chat_template_and_only_its_answer_is_trained(real
             assert trained[-1] == closing and trained.count(closing) == 1
             # The same sample as rendering the side as a conversation with only its last turn trained.
             side = render(Conversation([*item.messages, answer]), tokenizer, train_on="last")
-            assert (side.input_ids, side.labels) == (sample.input_ids, sample.labels)
+            assert (side.input_ids, side.labels, side.turn_ends) == (sample.input_ids, sample.labels, sample.turn_ends)
 
 
-def test_minicpm2b_refuses_a_pair_whose_prompt_tokens_differ(real):
-    """MiniCPM-2B's tokenizer merges <AI>'s ">" with an answer's opening quote: the sides' prompts differ."""
+def _assert_scored_from_the_shared_prefix(tokenizer, item, merged_side):
+    """A pair whose ``merged_side`` answer merges with the prompt's last token: both sides are still the chat
+    template's ids; the merged token is trained on its side and the prompt token it replaced on the other, so
+    both trained spans start after the same shared prefix, and each runs to the answer's end and the trained </s>."""
+    result = next(render_pairs([item], tokenizer))
+    assert result.problem is None and result.merged_boundary
+    prompt = render_prompt(Conversation(item.messages), tokenizer)
+    assert result.prompt_tokens == len(prompt) - 1  # the prompt's last token is the one merged away
+    sides = {"chosen": (item.chosen, result.chosen), "rejected": (item.rejected, result.rejected)}
+    for name, (answer, sample) in sides.items():
+        assert sample.input_ids == _template_ids(tokenizer, [*item.messages, answer]) + [tokenizer.eos_token_id]
+        assert sample.input_ids[:result.prompt_tokens] == prompt[:-1]
+        assert sample.labels[:result.prompt_tokens] == [IGNORE_INDEX] * result.prompt_tokens
+        assert sample.labels[result.prompt_tokens:] == sample.input_ids[result.prompt_tokens:]  # to the end, </s> too
+        # The side rendered alone (offsets: from the token covering the answer's first character to the one
+        # covering its last) trains the same tokens, but for the other side's merged place.
+        alone = render(Conversation([*item.messages, answer]), tokenizer, train_on="last").labels
+        if name == merged_side:
+            assert sample.labels == alone
+            assert sample.input_ids[result.prompt_tokens] != prompt[-1]
+        else:
+            assert sample.input_ids[result.prompt_tokens] == prompt[-1]
+            assert alone[result.prompt_tokens] == IGNORE_INDEX and sample.labels[result.prompt_tokens + 1:] == alone[
+                result.prompt_tokens + 1:]
+    return result
+
+
+def test_minicpm2b_scores_a_pair_whose_answer_merges_with_the_prompt(real):
+    """MiniCPM-2B's tokenizer merges <AI>'s ">" with an answer's opening quote ('>"' is one token)."""
     tokenizer = real["minicpm2b"]
-    result = next(render_pairs([pair([("user", "Quote it.")], '"Carpe diem."', "Carpe diem.")], tokenizer))
-    assert result.problem == "prompts differ"
-    chosen_first = result.chosen.labels.index(next(label for label in result.chosen.labels if label != IGNORE_INDEX))
-    rejected_first = result.rejected.labels.index(next(label for label in result.rejected.labels if label != IGNORE_INDEX))
-    assert result.chosen.input_ids[:chosen_first] != result.rejected.input_ids[:rejected_first]
-    # ChatML's "assistant\n" never merges with the answer: the same pair is fine there.
-    assert next(render_pairs([pair([("user", "Quote it.")], '"Carpe diem."', "Carpe diem.")], real["minicpm4"])).problem is None
+    context = [("user", "Quote it.")]
+    result = _assert_scored_from_the_shared_prefix(tokenizer, pair(context, '"Carpe diem."', "Carpe diem."), "chosen")
+    assert tokenizer.convert_ids_to_tokens(result.chosen.input_ids[result.prompt_tokens]) == '>"'
+    swapped = _assert_scored_from_the_shared_prefix(tokenizer, pair(context, "Carpe diem.", '"Carpe diem."'), "rejected")
+    assert swapped.prompt_tokens == result.prompt_tokens
+    # ChatML's "assistant\n" never merges with the answer.
+    chatml = next(render_pairs([pair(context, '"Carpe diem."', "Carpe diem.")], real["minicpm4"]))
+    assert chatml.problem is None and not chatml.merged_boundary
+
+
+def test_a_merged_boundary_pair_on_the_fixture_tokenizer(fixture_tokenizers):
+    """The tiny MiniCPM-2-style tokenizer merges "<AI>"'s ">" with "H" ('>H'): the same handling, everywhere."""
+    tokenizer = fixture_tokenizers["minicpm2"]
+    context = [("user", "Say hi.")]
+    result = _assert_scored_from_the_shared_prefix(tokenizer, pair(context, "Hello there.", "Bye."), "chosen")
+    assert tokenizer.convert_ids_to_tokens(result.chosen.input_ids[result.prompt_tokens]) == ">H"
+    plain = next(render_pairs([pair(context, "Sure.", "Bye.")], tokenizer))
+    assert not plain.merged_boundary
+    assert plain.prompt_tokens == len(render_prompt(Conversation([Message("user", "Say hi.")]), tokenizer))
 
 
 @pytest.mark.parametrize("layout", ["chatml", "minicpm2"])
