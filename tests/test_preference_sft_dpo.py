@@ -145,8 +145,9 @@ def test_sft_then_dpo_raises_held_out_preference(layout, narrow_models, tmp_path
     result = sft_then_dpo(base, tmp_path, monkeypatch, capsys)
     before, after = result["before"], result["after"]
     assert result["dev"] >= 22 and result["train"] >= 10, result
-    # MiniCPM-2B's tokenizer can merge a prompt's last characters with an answer's first: such pairs are not scored.
-    assert before["scored"] == after["scored"] >= max(20, result["dev"] - 2), result
+    assert before["scored"] == after["scored"] == result["dev"], result
+    # MiniCPM-2B's tokenizer merges "<AI>"'s ">" with some answers' first character: scored from the shared prefix.
+    assert (before["merged_boundary"] > 0) == (layout == "minicpm2"), before
     assert before["reference"] == after["reference"] == str(base)
     # A measured start: SFT moved both answers above the base, the longer (rejected) one more.
     assert 0 < before["chosen_reward"] < before["rejected_reward"] and before["accuracy"] < 0.5, before
