@@ -373,6 +373,18 @@ def stop(message: str, errors: Path | None, *, lost: bool) -> None:
     sys.exit(1)
 
 
+def leave_process_group() -> None:
+    """End a finished rank's part in its process group while every rank is still there: wait for all (rank 0
+    writes the final files last), then tear the group down. Left to interpreter exit, a rank whose peers have
+    already gone can abort ("terminate called without an active exception") after a run that succeeded."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
+
+
 def read_failure(errors: Path) -> str | None:
     """The failure to print for a node's launch: a rank's own error before a lost contact (the consequence of
     another's), the earliest first."""
