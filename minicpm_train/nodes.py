@@ -373,16 +373,21 @@ def stop(message: str, errors: Path | None, *, lost: bool) -> None:
     sys.exit(1)
 
 
-def leave_process_group() -> None:
-    """End a finished rank's part in its process group while every rank is still there: wait for all (rank 0
-    writes the final files last), then tear the group down. Left to interpreter exit, a rank whose peers have
-    already gone can abort ("terminate called without an active exception") after a run that succeeded."""
+def end_finished_rank() -> None:
+    """End a rank whose run finished (its files written): wait for every rank, run the exit handlers, flush,
+    and leave with exit code 0 without tearing down the interpreter. That teardown destroys torch's
+    distributed objects (gloo's and the store's threads) in no set order, and now and then aborts a rank
+    whose run succeeded ("terminate called without an active exception", seen in full test-suite runs)."""
+    import atexit
     import sys
 
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.barrier()
-        distributed.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def read_failure(errors: Path) -> str | None:

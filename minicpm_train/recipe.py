@@ -340,7 +340,7 @@ def run_rank(run: ResolvedRun, errors: Path | None = None) -> None:
     progress = ProgressCallback()
     try:
         train(run, report=report, callbacks=(progress,) if rank_zero else (), under_launcher=True)
-        nodes.leave_process_group()
+        nodes.end_finished_rank()
     except MinicpmError as error:  # every rank meets the same error: its node says it once
         progress.stop()
         nodes.stop(str(error), errors, lost=False)
