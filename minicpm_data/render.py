@@ -155,8 +155,7 @@ def render_stream(conversations: Iterable[Conversation], tokenizer: Any, *, temp
     While one batch is tokenized (the tokenizer releases the GIL and uses every core), the next is
     rendered to text and the previous one turned into samples, so rendering stays off the critical path.
     """
-    if truncation not in TRUNCATIONS:
-        raise InputError(f"unknown truncation {truncation!r}: use one of {', '.join(TRUNCATIONS)}")
+    _check_truncation(truncation)
     if train_on not in TRAIN_ON:
         raise InputError(f"unknown train-on {train_on!r}: use one of {', '.join(TRAIN_ON)}")
     layout = _layout(tokenizer, template)
@@ -204,8 +203,7 @@ def render_pairs(pairs: Iterable[PreferencePair], tokenizer: Any, *, template: s
     last character plus what closes the turn. The sides are compared at full length, then truncated by the
     same policy as any sample. ``on_progress(n)`` is called with the pairs done after each batch.
     """
-    if truncation not in TRUNCATIONS:
-        raise InputError(f"unknown truncation {truncation!r}: use one of {', '.join(TRUNCATIONS)}")
+    _check_truncation(truncation)
     layout = _layout(tokenizer, template)
     finish = partial(_finish_pairs, layout=layout, max_length=max_length, drop=truncation == "drop",
                      on_progress=on_progress)
@@ -454,6 +452,11 @@ def _prepare_batch(conversations: list[Conversation], layout: _Layout,
         final_eos = (bool(trained) and trained[-1] == len(messages) - 1) if shape.final_eos else None
         plans.append(([(shape.starts[i] + before[i], ends[i]) for i in trained], ends, final_eos))
     return texts, plans
+
+
+def _check_truncation(truncation: str) -> None:
+    if truncation not in TRUNCATIONS:
+        raise InputError(f"unknown truncation {truncation!r}: use one of {', '.join(TRUNCATIONS)}")
 
 
 def _pipelined(items: Iterable[Any], prepare: Callable[[list], tuple], tokenize: Callable[..., Any],

@@ -242,7 +242,8 @@ def compute_pair_stats(file: str, pairs: Sequence[PreferencePair], tokenizer: An
         batch_size=batch_size, context=Distribution.of(data["context"]), chosen=Distribution.of(data["chosen"]),
         rejected=Distribution.of(data["rejected"]), tokens=Distribution.of(longer),
         over_max_length=int((longer > model_max_length).sum()), answers_cut=int(((data["lost"] > 0) & ok).sum()),
-        problems=problems, merged_boundary=int(data["merged"].sum()), trainable_pairs=int(ok.sum()), total_tokens=int(sides.sum()),
+        problems=problems, merged_boundary=int(data["merged"].sum()), trainable_pairs=int(ok.sum()),
+        total_tokens=int(sides.sum()),
         trained_tokens=int(data["trained"][ok].sum()), padding_to_longest=padding_to_longest(sides, 2 * batch_size),
         suggested_max_length=suggest_max_length(longer), lengths=longer,
     )

@@ -557,9 +557,10 @@ def _eval_pairs(model, data, adapter, output, ref_model, beta, max_length, batch
         print(json.dumps({**metrics, "predictions": str(path)}, indent=2, ensure_ascii=False))
         return
     dropped = ", ".join(f"{reason} {count}" for reason, count in metrics["dropped"].items())
-    merged = f", {metrics['merged_boundary']} of them with an answer merged with the prompt's end" \
-        if metrics["merged_boundary"] else ""
-    console.print(f"{metrics['pairs']} pairs, {metrics['scored']} scored{f' ({dropped} not)' if dropped else ''}{merged}; "
+    not_scored = f" ({dropped} not)" if dropped else ""
+    merged = (f", {metrics['merged_boundary']} of them with an answer merged with the prompt's end"
+              if metrics["merged_boundary"] else "")
+    console.print(f"{metrics['pairs']} pairs, {metrics['scored']} scored{not_scored}{merged}; "
                   f"reference: {metrics['reference']}; beta {beta:g}", highlight=False)
     console.print(f"reward accuracy {metrics['accuracy']:.1%}, margin {metrics['margin']:.4f} (chosen "
                   f"{metrics['chosen_reward']:.4f}, rejected {metrics['rejected_reward']:.4f}); log-probability "

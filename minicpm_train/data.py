@@ -89,8 +89,8 @@ class DataSummary:
         weighted = f", weight {self.weight:g} ({self.epoch_samples} per epoch)" if self.weight != 1 else ""
         if self.kind == "pairs":
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.dropped.items()))
-            merged = f", {self.merged_boundary} trained from an answer merged with the prompt's end" * bool(
-                self.merged_boundary)
+            merged = (f", {self.merged_boundary} trained from an answer merged with the prompt's end"
+                      if self.merged_boundary else "")
             used = (f"{self.used} pairs used, {sum(self.dropped.values())} dropped"
                     f"{f' ({reasons})' if reasons else ''}, {self.truncated} with a side truncated{merged}")
         else:

@@ -14,7 +14,8 @@ from minicpm_data.io import read_examples
 from minicpm_data.validate import file_kind, validate_file
 
 FILES = {"dpo_en_demo.head.jsonl": ("sharegpt-pairs", "pairs", 7), "dpo_zh_demo.sample.jsonl": ("sharegpt-pairs", "pairs", 5),
-         "dpo_zh_demo.short.jsonl": ("sharegpt-pairs", "pairs", 68), "dpo_en_demo.short.jsonl": ("sharegpt-pairs", "pairs", 5),
+         "dpo_zh_demo.short.jsonl": ("sharegpt-pairs", "pairs", 68),
+         "dpo_en_demo.short.jsonl": ("sharegpt-pairs", "pairs", 5),
          "kto_en_demo.head.jsonl": ("llamafactory-kto", "kto", 2)}
 
 

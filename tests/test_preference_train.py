@@ -314,7 +314,8 @@ def test_merged_boundary_pairs_are_trained_and_scored_from_the_shared_prefix(tin
     assert (summary.used, summary.merged_boundary) == (3, merged)
     assert f"{merged} trained from an answer merged with the prompt's end" in summary.describe()
     for row, pair in zip(files[0][0], rendered):
-        assert row["chosen_labels"].tolist() == pair.chosen.labels and row["rejected_labels"].tolist() == pair.rejected.labels
+        assert row["chosen_labels"].tolist() == pair.chosen.labels
+        assert row["rejected_labels"].tolist() == pair.rejected.labels
 
     register_minicpm()
     model = AutoModelForCausalLM.from_pretrained(tiny_minicpm2, dtype=torch.float32).eval()
@@ -325,5 +326,6 @@ def test_merged_boundary_pairs_are_trained_and_scored_from_the_shared_prefix(tin
             ids = torch.tensor([side.input_ids])
             with torch.no_grad():
                 logprobs = model(ids).logits.log_softmax(-1)[0]
-            expected = sum(logprobs[i - 1, side.input_ids[i]].item() for i in range(pair.prompt_tokens, len(side.input_ids)))
+            expected = sum(logprobs[i - 1, side.input_ids[i]].item()
+                           for i in range(pair.prompt_tokens, len(side.input_ids)))
             assert logp == pytest.approx(expected, rel=1e-4)
