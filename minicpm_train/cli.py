@@ -151,10 +151,13 @@ def run_command(
 
     try:
         if plan.mode == "launcher":
-            code = run_launcher(run, plan)
-            if plan.node_rank:  # node 0's rank 0 reports the run; the others only say they are done
+            code = run_launcher(run, plan)  # 0, or a LaunchError
+            if plan.node_rank:  # node 0's rank 0 writes the outputs; the others only say they are done
                 console.print(f"done: node {plan.node_rank} of {plan.nodes} finished; node 0 writes the outputs",
                               highlight=False)
+            else:
+                output_dir = Path(run.training["output_dir"])
+                _print_done(json.loads((output_dir / "metrics.json").read_text())["final"], output_dir)
             raise typer.Exit(code)
         if plan.mode == "rank":  # srun started this process as one rank of the run
             import os
@@ -177,8 +180,14 @@ def run_command(
         err_console.print(escape(interrupted_message(Path(run.training["output_dir"]), sys.argv[1:])),
                           highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    final = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
-    console.print(f"done: {json.dumps(final)}; outputs in {result.output_dir}", highlight=False)
+    _print_done(result.metrics, result.output_dir)
+
+
+def _print_done(metrics: dict, output_dir: Path) -> None:
+    import json
+
+    final = {k: metrics[k] for k in ("train_loss", "eval_loss", "train_runtime") if k in metrics}
+    console.print(f"done: {json.dumps(final)}; outputs in {output_dir}", highlight=False)
 
 
 # --- plan / doctor / merge / chat / eval ------------------------

@@ -206,7 +206,11 @@ def test_two_cpu_ranks_zero3_on_minicpm4(tiny_minicpm4, tmp_path, data_cache):
                            "--master_port", "29652", "--deepspeed", "zero3"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert falling(eval_losses(json.loads((output / "metrics.json").read_text())["log_history"]))
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert falling(eval_losses(metrics["log_history"]))
+    # The launcher's node ends with the one-process run's line: the final metrics rank 0 wrote, and where.
+    final = {k: metrics["final"][k] for k in ("train_loss", "eval_loss", "train_runtime")}
+    assert f"done: {json.dumps(final)}; outputs in {output}" in " ".join(done.stdout.split()), done.stdout[-500:]
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "minicpm" and config["rope_scaling"]["rope_type"] == "longrope"
     assert (output / "model.safetensors").is_file()
